@@ -1,0 +1,120 @@
+//! Tunables of one replica, with every default in one place.
+
+use std::time::Duration;
+
+/// Configuration of one rdb replica. `Default` gives production values; tests shorten timers.
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    /// Heartbeat period of a leader.
+    pub heartbeat: Duration,
+    /// Election timeout range. openraft 0.9 waits for each log fsync inside its core loop, so
+    /// keep the minimum well above ten fsync latencies.
+    pub election_timeout: (Duration, Duration),
+    /// Deadline for one append/vote RPC.
+    pub rpc_timeout: Duration,
+    /// Deadline for one snapshot chunk RPC (it carries `snapshot_chunk_bytes`).
+    pub snapshot_chunk_timeout: Duration,
+    /// Bytes per snapshot chunk.
+    pub snapshot_chunk_bytes: u64,
+    /// Build a snapshot (and purge the log behind it) every this many applied entries.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind a snapshot, so that slightly lagging followers catch up
+    /// from the log instead of a snapshot.
+    pub keep_log_behind_snapshot: u64,
+    /// Most entries per AppendEntries RPC.
+    pub max_append_entries: u64,
+    /// Most transactions packed into one log entry.
+    pub max_batch_txs: usize,
+    /// Most approximate bytes packed into one log entry (a single larger transaction still goes
+    /// alone).
+    pub max_batch_bytes: usize,
+    /// Log entries a leader has in flight at once; while they are, new transactions wait and
+    /// form the next batch (group commit).
+    pub max_inflight_batches: usize,
+    /// Below this much free space, non-critical transactions are refused with `NoSpace`
+    /// (DAOS: 4 MiB).
+    pub no_append_free_bytes: u64,
+    /// Below this much free space, even critical transactions are refused (DAOS: 16 KiB).
+    pub critical_free_bytes: u64,
+    /// A transaction counts as critical only with at most this many operations (DAOS: 8).
+    pub max_critical_ops: usize,
+    /// How long a free-space reading is reused.
+    pub free_space_cache: Duration,
+    /// A leader that has not heard from a quorum for this long reports itself down and gives up
+    /// leadership. Must not exceed the minimum election timeout.
+    pub quorum_timeout: Duration,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        DbConfig {
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(1000), Duration::from_millis(2000)),
+            rpc_timeout: Duration::from_millis(1000),
+            snapshot_chunk_timeout: Duration::from_secs(10),
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_every_entries: 10_000,
+            keep_log_behind_snapshot: 1_000,
+            max_append_entries: 256,
+            max_batch_txs: 1024,
+            max_batch_bytes: 4 << 20,
+            max_inflight_batches: 2,
+            no_append_free_bytes: 4 << 20,
+            critical_free_bytes: 16 << 10,
+            max_critical_ops: 8,
+            free_space_cache: Duration::from_millis(250),
+            quorum_timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl DbConfig {
+    /// Fast timers for tests on loopback: elections within a second.
+    pub fn fast() -> Self {
+        DbConfig {
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
+            rpc_timeout: Duration::from_millis(300),
+            quorum_timeout: Duration::from_millis(400),
+            ..DbConfig::default()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let (lo, hi) = self.election_timeout;
+        if lo >= hi {
+            return Err(format!("election timeout min {lo:?} must be below max {hi:?}"));
+        }
+        if self.heartbeat * 2 > lo {
+            return Err(format!(
+                "heartbeat {:?} must be at most half the election timeout {lo:?}",
+                self.heartbeat
+            ));
+        }
+        if self.quorum_timeout > lo {
+            return Err(format!(
+                "quorum timeout {:?} must not exceed the election timeout {lo:?}",
+                self.quorum_timeout
+            ));
+        }
+        if self.max_batch_txs == 0 || self.max_inflight_batches == 0 {
+            return Err("batch limits must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn raft_config(&self, cluster: &str) -> openraft::Config {
+        openraft::Config {
+            cluster_name: cluster.to_string(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_timeout.0.as_millis() as u64,
+            election_timeout_max: self.election_timeout.1.as_millis() as u64,
+            install_snapshot_timeout: self.snapshot_chunk_timeout.as_millis() as u64,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.keep_log_behind_snapshot,
+            max_payload_entries: self.max_append_entries,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,799 @@
+//! A replica: lifecycle, the leadership watcher, the commit batcher, membership, RPC intake.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, CommittedLeaderId, EntryPayload, Membership, ServerState};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::admission::{Admission, SpaceProbe, StatvfsProbe, Verdict};
+use crate::codec;
+use crate::config::DbConfig;
+use crate::error::{Error, Result};
+use crate::kv::Op;
+use crate::leadership::{leader_term, Alternator, LeaderEvent};
+use crate::network::{NetFactory, RaftRpc, Refusal, RpcHandler, RpcKind, Transport};
+use crate::storage::{self, DiskFaults, Identity};
+use crate::types::{Command, DbId, Entry, LogId, Member, NodeId, Raft, ReplicaId, TxRecord, Vote};
+
+/// How to run a replica.
+#[derive(Clone)]
+pub struct StartOptions {
+    /// Timers and bounds.
+    pub config: DbConfig,
+    /// Where raft messages go.
+    pub transport: Arc<dyn Transport>,
+    /// This replica's address as peers should record it.
+    pub addr: String,
+    /// Free-space readings; `statvfs` of the directory by default.
+    pub probe: Arc<dyn SpaceProbe>,
+    /// Disk fault injection (tests).
+    pub faults: Option<DiskFaults>,
+}
+
+impl StartOptions {
+    /// Options with production defaults.
+    pub fn new(transport: Arc<dyn Transport>, addr: impl Into<String>) -> Self {
+        StartOptions {
+            config: DbConfig::default(),
+            transport,
+            addr: addr.into(),
+            probe: Arc::new(StatvfsProbe),
+            faults: None,
+        }
+    }
+}
+
+/// A replica's role as openraft sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Campaigning.
+    Candidate,
+    /// Leads (by openraft's account; see [`Status::up_term`] for rdb's).
+    Leader,
+    /// Replicates without a vote.
+    Learner,
+    /// Not running.
+    Shutdown,
+}
+
+/// A point-in-time view of a replica.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// This replica.
+    pub replica: ReplicaId,
+    /// openraft's role.
+    pub role: Role,
+    /// The newest term this replica knows.
+    pub term: u64,
+    /// The leader it knows of, if any.
+    pub leader: Option<ReplicaId>,
+    /// The term this replica serves as leader in (after StepUp, before StepDown).
+    pub up_term: Option<u64>,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub applied_index: Option<u64>,
+    /// Index covered by the current snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Log purged up to here.
+    pub purged_index: Option<u64>,
+    /// Voters of the effective membership.
+    pub voters: Vec<ReplicaId>,
+    /// Learners of the effective membership.
+    pub learners: Vec<ReplicaId>,
+    /// Why the replica stopped, if it did.
+    pub stopped: Option<String>,
+    /// Transactions refused by free-space admission so far.
+    pub admission_rejections: u64,
+    /// Transactions committed (applied, successfully or not) through this replica as leader.
+    pub commits: u64,
+}
+
+/// The result of a committed transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The term the transaction was committed in.
+    pub term: u64,
+    /// The log index of the entry that carried it.
+    pub index: u64,
+}
+
+struct Pending {
+    record: TxRecord,
+    size: usize,
+    reply: oneshot::Sender<Result<Committed>>,
+}
+
+pub(crate) struct Inner {
+    pub ident: Identity,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub config: DbConfig,
+    pub raft: Raft,
+    pub sm: storage::sm::SmStore,
+    /// The term this replica serves as leader in; written only by the watcher.
+    pub up: watch::Receiver<Option<u64>>,
+    events: Mutex<Option<mpsc::UnboundedReceiver<LeaderEvent>>>,
+    batcher: mpsc::Sender<Pending>,
+    admission: Admission,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Until when the watcher must not step up (set by `resign`).
+    resign_until: Arc<Mutex<Option<Instant>>>,
+    commits: AtomicU64,
+}
+
+/// One replica of a replicated database. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Db({} replica {})",
+            self.inner.ident.db, self.inner.ident.replica
+        )
+    }
+}
+
+fn fatal(e: impl std::fmt::Display) -> Error {
+    Error::Stopped(e.to_string())
+}
+
+impl Db {
+    /// Creates the files of a new replica in `dir` and returns its identity. The replica is
+    /// empty: start it and either [`Db::initialize`] it with the initial replica list (bootstrap)
+    /// or let an existing group add it ([`Db::add_replica`]).
+    pub fn create(
+        dir: &FsPath,
+        db: DbId,
+        replica: ReplicaId,
+        faults: Option<&DiskFaults>,
+    ) -> Result<Identity> {
+        let ident = storage::create(dir, db, replica, faults)?;
+        tracing::info!(%db, %replica, dir = %dir.display(), "created replica");
+        Ok(ident)
+    }
+
+    /// Reads who the replica in `dir` is, without starting it.
+    pub fn identity(dir: &FsPath) -> Result<Identity> {
+        storage::read_identity(dir)
+    }
+
+    /// Opens the replica in `dir` and starts it.
+    pub async fn start(dir: &FsPath, opts: StartOptions) -> Result<Db> {
+        opts.config.validate().map_err(Error::Invalid)?;
+        let files = storage::open(dir, opts.faults.as_ref())?;
+        let ident = files.ident;
+        let raft_config = opts
+            .config
+            .raft_config(&ident.db.to_string())
+            .validate()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let net = NetFactory {
+            transport: opts.transport.clone(),
+            db: ident.db,
+            me: ident.replica,
+        };
+        let sm = files.sm.clone();
+        let raft = Raft::new(
+            ident.replica.node_id(),
+            Arc::new(raft_config),
+            net,
+            files.log,
+            files.sm,
+        )
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+
+        let (up_tx, up_rx) = watch::channel(None);
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (batch_tx, batch_rx) = mpsc::channel(opts.config.max_batch_txs * 4);
+        let (shutdown, _) = watch::channel(false);
+        let resign_until = Arc::new(Mutex::new(None));
+        let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
+        let inner = Arc::new(Inner {
+            ident,
+            dir: dir.to_path_buf(),
+            addr: opts.addr.clone(),
+            config: opts.config.clone(),
+            raft: raft.clone(),
+            sm,
+            up: up_rx,
+            events: Mutex::new(Some(ev_rx)),
+            batcher: batch_tx,
+            admission,
+            shutdown,
+            tasks: Mutex::new(Vec::new()),
+            resign_until: resign_until.clone(),
+            commits: AtomicU64::new(0),
+        });
+        let watcher = tokio::spawn(watch_leadership(
+            raft.clone(),
+            opts.config.clone(),
+            up_tx,
+            ev_tx,
+            inner.shutdown.subscribe(),
+            resign_until,
+            ident.replica,
+        ));
+        let batcher = tokio::spawn(run_batcher(
+            raft,
+            opts.config.clone(),
+            batch_rx,
+            inner.shutdown.subscribe(),
+        ));
+        inner.tasks.lock().expect("lock").extend([watcher, batcher]);
+        tracing::info!(db = %ident.db, replica = %ident.replica, "started replica");
+        Ok(Db { inner })
+    }
+
+    /// This replica's identity.
+    pub fn ident(&self) -> Identity {
+        self.inner.ident
+    }
+
+    /// The replica's data directory.
+    pub fn dir(&self) -> &FsPath {
+        &self.inner.dir
+    }
+
+    /// This replica as a membership entry.
+    pub fn member(&self) -> Member {
+        Member {
+            replica: self.inner.ident.replica,
+            addr: self.inner.addr.clone(),
+            storage_id: self.inner.ident.storage_id,
+        }
+    }
+
+    /// Bootstraps a new group with `members` as its voters. Call on one replica (any), after
+    /// every member was created and started. Fails with `Exists` if the group already has a
+    /// membership.
+    pub async fn initialize(&self, members: Vec<Member>) -> Result<()> {
+        if !members.iter().any(|m| m.replica == self.inner.ident.replica) {
+            return Err(Error::Invalid(
+                "the initial replica list must include the initializing replica".into(),
+            ));
+        }
+        let nodes: BTreeMap<NodeId, Member> = members.into_iter().map(|m| (m.replica.node_id(), m)).collect();
+        match self.inner.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => Err(Error::Exists(e.to_string())),
+            Err(RaftError::APIError(e)) => Err(Error::Invalid(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(fatal(e)),
+        }
+    }
+
+    /// Takes the leadership event stream. There is one stream per replica; the second call
+    /// returns `None`.
+    pub fn take_events(&self) -> Option<mpsc::UnboundedReceiver<LeaderEvent>> {
+        self.inner.events.lock().expect("lock").take()
+    }
+
+    /// The term this replica currently serves as leader in.
+    pub fn up_term(&self) -> Option<u64> {
+        *self.inner.up.borrow()
+    }
+
+    /// Waits until this replica serves as leader or `timeout` passes.
+    pub async fn wait_up(&self, timeout: Duration) -> Result<u64> {
+        let mut rx = self.inner.up.clone();
+        let fut = async {
+            loop {
+                if let Some(t) = *rx.borrow_and_update() {
+                    return Ok(t);
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Error::Stopped("replica stopped".into()));
+                }
+            }
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| Error::Timeout("waiting for leadership".into()))?
+    }
+
+    /// The best hint about who leads: `(leader, term)`.
+    pub fn hint(&self) -> (Option<ReplicaId>, u64) {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        (m.current_leader.map(ReplicaId::from_node_id), m.current_term)
+    }
+
+    pub(crate) fn not_leader(&self) -> Error {
+        let (leader, term) = self.hint();
+        Error::NotLeader { leader, term }
+    }
+
+    /// A snapshot of this replica's state.
+    pub fn status(&self) -> Status {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Follower => Role::Follower,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        };
+        let membership = m.membership_config.membership();
+        let voters: Vec<ReplicaId> = membership.voter_ids().map(ReplicaId::from_node_id).collect();
+        let learners: Vec<ReplicaId> = membership.learner_ids().map(ReplicaId::from_node_id).collect();
+        Status {
+            replica: self.inner.ident.replica,
+            role,
+            term: m.current_term,
+            leader: m.current_leader.map(ReplicaId::from_node_id),
+            up_term: *self.inner.up.borrow(),
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters,
+            learners,
+            stopped: m.running_state.as_ref().err().map(|e| e.to_string()),
+            admission_rejections: self.inner.admission.rejected.load(Ordering::Relaxed),
+            commits: self.inner.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Begins a transaction bound to `term` (`None`: the term this replica leads now).
+    /// Fails with `NotLeader` unless this replica serves as leader in that term.
+    pub fn begin(&self, term: Option<u64>) -> Result<crate::tx::Tx> {
+        let up = self.up_term();
+        match (up, term) {
+            (Some(u), None) => Ok(crate::tx::Tx::new(self.clone(), u)),
+            (Some(u), Some(t)) if u == t => Ok(crate::tx::Tx::new(self.clone(), u)),
+            _ => Err(self.not_leader()),
+        }
+    }
+
+    /// Proves that this replica still leads `term` and that its state machine has applied
+    /// everything committed before the call (ReadIndex).
+    pub(crate) async fn ensure_linearizable(&self, term: u64) -> Result<()> {
+        if self.up_term() != Some(term) {
+            return Err(self.not_leader());
+        }
+        let res = tokio::time::timeout(
+            self.inner.config.quorum_timeout,
+            self.inner.raft.ensure_linearizable(),
+        )
+        .await;
+        match res {
+            Ok(Ok(_)) if self.up_term() == Some(term) => Ok(()),
+            Ok(Ok(_)) | Ok(Err(RaftError::APIError(_))) => Err(self.not_leader()),
+            Ok(Err(RaftError::Fatal(e))) => Err(fatal(e)),
+            Err(_) => Err(Error::Timeout(
+                "could not reach a quorum to confirm leadership".into(),
+            )),
+        }
+    }
+
+    /// Appends `ops` as (part of) one log entry in `term` and waits until it is applied.
+    pub(crate) async fn commit_ops(&self, term: u64, ops: Vec<Op>) -> Result<Committed> {
+        if self.up_term() != Some(term) {
+            return Err(self.not_leader());
+        }
+        match self.inner.admission.check(&ops, false)? {
+            Verdict::Admit => {}
+            Verdict::CompactAndRetry => {
+                self.compact().await;
+                if let Verdict::Refuse { free, needed } = self.inner.admission.check(&ops, true)? {
+                    return Err(Error::NoSpace { free, needed });
+                }
+            }
+            Verdict::Refuse { free, needed } => return Err(Error::NoSpace { free, needed }),
+        }
+        let size = ops.iter().map(Op::approx_size).sum();
+        let (tx, rx) = oneshot::channel();
+        let p = Pending {
+            record: TxRecord { term, ops },
+            size,
+            reply: tx,
+        };
+        self.inner
+            .batcher
+            .send(p)
+            .await
+            .map_err(|_| Error::Stopped("replica stopping".into()))?;
+        let res = rx.await.map_err(|_| Error::Stopped("replica stopping".into()))?;
+        if res.is_ok() {
+            self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        match res {
+            Err(Error::NotLeader { .. }) => Err(self.not_leader()),
+            r => r,
+        }
+    }
+
+    /// Builds a snapshot now and purges the log behind it. Waits at most two seconds.
+    pub async fn compact(&self) {
+        let raft = &self.inner.raft;
+        let before = raft.metrics().borrow().snapshot;
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        let mut m = raft.metrics();
+        let done = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let snap = m.borrow_and_update().snapshot;
+                if snap != before {
+                    return snap;
+                }
+                if m.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(s)) = done {
+            let _ = raft.trigger().purge_log(s.index).await;
+            tracing::info!(upto = s.index, "compacted: snapshot built and log purged");
+        }
+    }
+
+    /// Adds a replica: first as a learner (waits until it has caught up), then as a voter.
+    pub async fn add_replica(&self, member: Member) -> Result<()> {
+        let id = member.replica.node_id();
+        self.inner
+            .raft
+            .add_learner(id, member, true)
+            .await
+            .map_err(|e| self.map_write_err(e))?;
+        self.inner
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.map_write_err(e))?;
+        Ok(())
+    }
+
+    /// Removes a replica (voter or learner) from the group.
+    pub async fn remove_replica(&self, replica: ReplicaId) -> Result<()> {
+        let id = replica.node_id();
+        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let change = if m.membership().voter_ids().any(|v| v == id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else if m.membership().learner_ids().any(|v| v == id) {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            return Err(Error::NotFound(format!("replica {replica} is not a member")));
+        };
+        self.inner
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| self.map_write_err(e))?;
+        Ok(())
+    }
+
+    fn map_write_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Error {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
+                openraft::error::ChangeMembershipError::InProgress(p) => Error::Busy(p.to_string()),
+                other => Error::Invalid(other.to_string()),
+            },
+            RaftError::Fatal(f) => fatal(f),
+        }
+    }
+
+    /// Gives up leadership: stops serving at once, stops heartbeats and stays out of elections
+    /// until another replica leads or two maximum election timeouts passed. A lone voter takes
+    /// its leadership up again after that.
+    pub async fn resign(&self) -> Result<()> {
+        let hold = self.inner.config.election_timeout.1 * 2;
+        *self.inner.resign_until.lock().expect("lock") = Some(Instant::now() + hold);
+        tracing::info!(replica = %self.inner.ident.replica, "resigning leadership");
+        let mut up = self.inner.up.clone();
+        let stepped_down = async {
+            while up.borrow_and_update().is_some() {
+                if up.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(hold, stepped_down)
+            .await
+            .map_err(|_| Error::Timeout("resign: still serving as leader".into()))
+    }
+
+    /// Starts an election now.
+    pub async fn campaign(&self) -> Result<()> {
+        *self.inner.resign_until.lock().expect("lock") = None;
+        self.inner.raft.trigger().elect().await.map_err(fatal)
+    }
+
+    /// Stops the replica: leadership is given up (StepDown is delivered), raft stops, and the
+    /// state machine is made durable.
+    pub async fn stop(&self) -> Result<()> {
+        let _ = self.inner.shutdown.send(true);
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().expect("lock"));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = self.inner.raft.shutdown().await;
+        let sm = self.inner.sm.clone();
+        storage::log::blocking(move || sm.sync()).await?;
+        tracing::info!(replica = %self.inner.ident.replica, "stopped replica");
+        Ok(())
+    }
+
+    /// Removes a stopped replica's directory.
+    pub fn destroy(dir: &FsPath) -> Result<()> {
+        storage::read_identity(dir)?;
+        std::fs::remove_dir_all(dir)?;
+        Ok(())
+    }
+
+    /// Catastrophic recovery: rewrites the stopped replica in `dir` so that it is the only
+    /// voter of its group, keeping every entry it has.
+    ///
+    /// DANGEROUS. Entries that other replicas committed but this one never received are lost,
+    /// and if any other replica of the group is still alive, two groups now think they are the
+    /// one. Use it only when a quorum is gone for good, then add new replicas.
+    pub fn dictate(dir: &FsPath) -> Result<()> {
+        let files = storage::open(dir, None)?;
+        let me = files.ident.replica.node_id();
+        let vote: Option<Vote> = files
+            .log
+            .read_vote_offline()
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        let last: Option<LogId> = files
+            .log
+            .last_log_id_offline()
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        let term = vote
+            .map_or(0, |v| v.leader_id().get_term())
+            .max(last.map_or(0, |l| l.leader_id.get_term()))
+            + 1;
+        let member = Member {
+            replica: files.ident.replica,
+            addr: own_addr(&files, me)?,
+            storage_id: files.ident.storage_id,
+        };
+        let membership = Membership::new(vec![BTreeSet::from([me])], BTreeMap::from([(me, member)]));
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, me), last.map_or(0, |l| l.index + 1)),
+            payload: EntryPayload::Membership(membership),
+        };
+        files.log.append_offline(vec![entry])?;
+        files.log.write_vote_offline(&Vote::new_committed(term, me))?;
+        tracing::warn!(replica = %files.ident.replica, term, "dictated: this replica is now the only voter");
+        Ok(())
+    }
+
+    /// Processes a raft message from a peer.
+    pub async fn handle_rpc(&self, rpc: RaftRpc) -> std::result::Result<Vec<u8>, Refusal> {
+        let me = &self.inner.ident;
+        if rpc.db != me.db {
+            return Err(Refusal::NoSuchDb(rpc.db));
+        }
+        if rpc.to != me.replica {
+            return Err(Refusal::WrongReplica {
+                wanted: rpc.to,
+                have: me.replica,
+            });
+        }
+        if rpc.to_storage_id != me.storage_id {
+            return Err(Refusal::WrongStorage {
+                wanted: rpc.to_storage_id,
+                have: me.storage_id,
+            });
+        }
+        if *self.inner.shutdown.borrow() {
+            return Err(Refusal::Stopped);
+        }
+        let raft = &self.inner.raft;
+        let bad = |e: codec::CodecError| Refusal::Malformed(e.to_string());
+        let reply = match rpc.kind {
+            RpcKind::Append => codec::encode(
+                &raft
+                    .append_entries(codec::decode(&rpc.payload).map_err(bad)?)
+                    .await,
+            ),
+            RpcKind::Vote => codec::encode(&raft.vote(codec::decode(&rpc.payload).map_err(bad)?).await),
+            RpcKind::Snapshot => codec::encode(
+                &raft
+                    .install_snapshot(codec::decode(&rpc.payload).map_err(bad)?)
+                    .await,
+            ),
+        };
+        reply.map_err(|e| Refusal::Malformed(e.to_string()))
+    }
+}
+
+/// Finds this replica's own membership entry (for its address) in its log or state machine.
+fn own_addr(files: &storage::Files, me: NodeId) -> Result<String> {
+    let mut reader = files.log.clone();
+    let entries = futures::executor::block_on(openraft::RaftLogReader::try_get_log_entries(&mut reader, ..))
+        .map_err(|e| Error::Storage(e.to_string()))?;
+    for e in entries.iter().rev() {
+        if let EntryPayload::Membership(m) = &e.payload {
+            if let Some(n) = m.get_node(&me) {
+                return Ok(n.addr.clone());
+            }
+        }
+    }
+    let mut sm = files.sm.clone();
+    let (_, stored) =
+        futures::executor::block_on(openraft::storage::RaftStateMachine::applied_state(&mut sm))
+            .map_err(|e| Error::Storage(e.to_string()))?;
+    stored
+        .membership()
+        .get_node(&me)
+        .map(|n| n.addr.clone())
+        .ok_or_else(|| Error::Invalid("this replica was never a member; nothing to dictate".into()))
+}
+
+#[async_trait]
+impl RpcHandler for Db {
+    async fn handle_rpc(&self, rpc: RaftRpc) -> std::result::Result<Vec<u8>, Refusal> {
+        Db::handle_rpc(self, rpc).await
+    }
+}
+
+/// Packs waiting transactions into log entries, with at most `max_inflight_batches` entries in
+/// flight: while they are, newcomers queue up and leave together as the next entry.
+async fn run_batcher(
+    raft: Raft,
+    cfg: DbConfig,
+    mut rx: mpsc::Receiver<Pending>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(cfg.max_inflight_batches));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
+            _ = shutdown.changed() => break,
+        };
+        let first = tokio::select! {
+            p = rx.recv() => match p { Some(p) => p, None => break },
+            _ = shutdown.changed() => break,
+        };
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        while batch.len() < cfg.max_batch_txs && bytes < cfg.max_batch_bytes {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.size;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.record, p.reply)).unzip();
+            let res = raft.client_write(Command { txs: records }).await;
+            drop(permit);
+            match res {
+                Ok(resp) => {
+                    let term = resp.log_id.leader_id.get_term();
+                    let index = resp.log_id.index;
+                    for (reply, r) in replies.into_iter().zip(resp.data.results) {
+                        let _ = reply.send(r.map(|()| Committed { term, index }).map_err(Error::Apply));
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Error::NotLeader {
+                            leader: None,
+                            term: 0,
+                        },
+                        RaftError::APIError(other) => Error::Raft(other.to_string()),
+                        RaftError::Fatal(f) => fatal(f),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Turns openraft's metrics into [`LeaderEvent`]s; see `leadership.rs`.
+async fn watch_leadership(
+    raft: Raft,
+    cfg: DbConfig,
+    up: watch::Sender<Option<u64>>,
+    events: mpsc::UnboundedSender<LeaderEvent>,
+    mut shutdown: watch::Receiver<bool>,
+    resign_until: Arc<Mutex<Option<Instant>>>,
+    me: ReplicaId,
+) {
+    let mut metrics = raft.metrics();
+    let mut alt = Alternator::default();
+    // When the last successful quorum proof was *issued*: a quorum followed us at or after it.
+    let mut confirmed_at = Instant::now();
+    let mut last_probe: Option<Instant> = None;
+    // Whether heartbeats and elections are switched off for a resignation.
+    let mut resigned = false;
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let emit = |alt: &mut Alternator, want: Option<u64>| {
+        for ev in alt.transition(want) {
+            match ev {
+                LeaderEvent::StepUp { term } => tracing::info!(replica = %me, term, "step up"),
+                LeaderEvent::StepDown { term } => tracing::info!(replica = %me, term, "step down"),
+            }
+            let _ = events.send(ev);
+        }
+        up.send_replace(alt.up());
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            r = metrics.changed() => if r.is_err() { break },
+            _ = tick.tick() => {}
+        }
+        let (cand, other_leader) = {
+            let m = metrics.borrow_and_update();
+            (
+                leader_term(&m),
+                m.current_leader.is_some_and(|l| l != me.node_id()),
+            )
+        };
+
+        // Resignation: serve nothing, send no heartbeats, start no elections, until another
+        // replica leads or the hold time is over.
+        let resign_deadline = *resign_until.lock().expect("lock");
+        if let Some(deadline) = resign_deadline {
+            if Instant::now() < deadline && !other_leader {
+                if !resigned {
+                    resigned = true;
+                    raft.runtime_config().heartbeat(false);
+                    raft.runtime_config().elect(false);
+                }
+                emit(&mut alt, None);
+                continue;
+            }
+            *resign_until.lock().expect("lock") = None;
+        }
+        if resigned {
+            resigned = false;
+            raft.runtime_config().heartbeat(true);
+            raft.runtime_config().elect(true);
+        }
+
+        let Some(t) = cand else {
+            emit(&mut alt, None);
+            continue;
+        };
+        if alt.up().is_some_and(|u| u != t) {
+            emit(&mut alt, None);
+        }
+        // Prove leadership (again) at most once per heartbeat: a ReadIndex round confirms a
+        // quorum and waits until this term's first entry is applied.
+        if last_probe.is_none_or(|at| at.elapsed() >= cfg.heartbeat) {
+            let issued = Instant::now();
+            last_probe = Some(issued);
+            let ok = matches!(
+                tokio::time::timeout(cfg.quorum_timeout, raft.ensure_linearizable()).await,
+                Ok(Ok(_))
+            );
+            if ok && leader_term(&raft.metrics().borrow()) == Some(t) {
+                confirmed_at = issued;
+                emit(&mut alt, Some(t));
+            }
+        }
+        if alt.up() == Some(t) && confirmed_at.elapsed() > cfg.quorum_timeout {
+            tracing::warn!(replica = %me, term = t, "no quorum within the quorum timeout; not serving");
+            emit(&mut alt, None);
+        }
+    }
+    emit(&mut alt, None);
+}

@@ -1,0 +1,111 @@
+//! # rdb: a replicated, hierarchical, transactional key-value store
+//!
+//! rdb is the storage layer of rsvc, modelled on DAOS's rdb. One rdb database is one raft
+//! group (openraft 0.9); each replica keeps its log and its state machine in two redb files.
+//! Services above (rsvc-server) see transactions and leadership events, never openraft.
+//!
+//! ## DATA MODEL
+//!
+//! A tree of key-value stores (KVSs) under an always-present root. A key holds either bytes or
+//! a child KVS. Each KVS has a key class: Generic, Integer (u64 keys in numeric order) or
+//! Lexical (byte order). A KVS is destroyed only after its child KVSs; its values go with it.
+//! See [`kv`] for the on-disk layout.
+//!
+//! ## TRANSACTIONS
+//!
+//! [`Db::begin`] binds a [`Tx`] to the term this replica leads. Queries read committed state
+//! (never the transaction's own queued updates); updates are queued; [`Tx::commit`] sends them
+//! as one unit that lands inside exactly one raft entry and waits until that entry is applied.
+//! The apply is all-or-nothing: a deterministic failure (missing KVS, existing key, failed
+//! precondition) leaves no effect and is the commit's result on every replica alike. A
+//! non-deterministic failure (I/O) is a storage error: openraft stops the replica instead of
+//! letting it diverge. If the entry lands in another term than the transaction's, the apply
+//! refuses it too, so a transaction never outlives the leadership it was begun under.
+//!
+//! ## GROUP COMMIT
+//!
+//! openraft 0.9 appends one entry per `client_write` and waits for its fsync inside the core
+//! loop. rdb therefore batches at its own level: while `max_inflight_batches` entries are in
+//! flight, committing transactions queue and leave together as the next entry. One fsync on
+//! the leader and one per follower then carry many transactions, so throughput grows with
+//! concurrency instead of being capped at one commit per fsync.
+//!
+//! ## READS AND LEADERSHIP
+//!
+//! A query's first read in a transaction performs a ReadIndex round (`ensure_linearizable`): a
+//! quorum confirms the leader, and the state machine catches up to the commit index, so a
+//! deposed leader can never answer from stale state. Leadership is reported as a strictly
+//! alternating stream of [`LeaderEvent`]s. A StepUp comes only after such a round succeeded in
+//! the new term (so the term's first entry is applied). A leader that cannot reach a quorum for
+//! `quorum_timeout` reports StepDown and starts an election to shed its openraft leadership,
+//! which openraft 0.9 would otherwise keep forever.
+//!
+//! ## DURABILITY
+//!
+//! Log appends and votes are fsynced before openraft hears they are done. The state machine is
+//! written without fsync and re-applied from the log after a crash; building a snapshot first
+//! makes it durable, and the log is only purged behind snapshots. Snapshots are files streamed
+//! in bounded chunks.
+//!
+//! ## IDENTITY
+//!
+//! A replica is `(rank, generation)`; its raft node id is `rank << 32 | gen`. At creation it
+//! draws a random storage id, written into every file and recorded with it in the membership.
+//! Raft messages name the storage id they expect, so a replica recreated on a wiped disk is
+//! refused as the voter it replaced; a replica whose files disagree refuses to start.
+//!
+//! ## FREE SPACE
+//!
+//! Before appending, the leader checks `statvfs` of its directory against DAOS's two
+//! thresholds (see [`admission`]): ordinary transactions stop below 4 MiB, critical ones
+//! (deletes, destroys, small `update_critical`s) at 16 KiB. Refusals append nothing.
+//!
+//! ## CAVEATS
+//!
+//! - Reads always pay a ReadIndex round trip; there are no lease reads yet.
+//! - An I/O error (ENOSPC included) while writing the log or state machine stops the replica
+//!   (openraft treats storage errors as fatal). It loses nothing that was acknowledged; it must
+//!   be restarted once the disk is fixed, and catches up from its peers.
+//! - [`Db::resign`] costs about two election timeouts; openraft 0.9 has no leadership transfer.
+//! - Followers cannot refuse entries for lack of space; admission happens only on the leader.
+//! - [`Db::dictate`] can lose committed data by design; it is for quorum loss only.
+
+pub mod admission;
+pub mod codec;
+mod config;
+mod db;
+mod error;
+pub mod kv;
+mod leadership;
+pub mod network;
+mod storage;
+mod tx;
+mod types;
+
+pub use admission::{FixedProbe, SpaceProbe, StatvfsProbe};
+pub use config::DbConfig;
+pub use db::{Committed, Db, Role, StartOptions, Status};
+pub use error::{Error, Result};
+pub use kv::{int_key, int_of_key, ApplyError, KeyClass, Op, Path, Value};
+pub use leadership::LeaderEvent;
+pub use network::{LocalNet, RaftRpc, Refusal, RpcHandler, RpcKind, Transport, TransportError};
+pub use storage::{DiskFaults, Identity};
+pub use tx::Tx;
+pub use types::{DbId, Member, ReplicaId};
+
+#[doc(hidden)]
+pub mod testing {
+    //! Access to the raw openraft storage for `openraft::testing::Suite`.
+    pub use crate::storage::log::LogStore;
+    pub use crate::storage::sm::SmStore;
+    pub use crate::types::TypeConfig;
+
+    /// Opens fresh log and state-machine stores in `dir`.
+    pub fn stores(dir: &std::path::Path) -> (LogStore, SmStore) {
+        let ident =
+            crate::storage::create(dir, crate::DbId(1), crate::ReplicaId::new(0, 1), None).expect("create");
+        let _ = ident;
+        let f = crate::storage::open(dir, None).expect("open");
+        (f.log, f.sm)
+    }
+}
