@@ -22,6 +22,9 @@ use crate::network::{NetFactory, RaftRpc, Refusal, RpcHandler, RpcKind, Transpor
 use crate::storage::{self, DiskFaults, Identity};
 use crate::types::{Command, DbId, Entry, LogId, Member, NodeId, Raft, ReplicaId, TxRecord, Vote};
 
+/// How often `stop` checks whether openraft released the files.
+const STOP_POLL: Duration = Duration::from_millis(5);
+
 /// How to run a replica.
 #[derive(Clone)]
 pub struct StartOptions {
@@ -119,7 +122,10 @@ pub(crate) struct Inner {
     pub addr: String,
     pub config: DbConfig,
     pub raft: Raft,
-    pub sm: storage::sm::SmStore,
+    /// The state machine, for queries; `None` once stopped so the files can be reopened.
+    pub sm: Mutex<Option<storage::sm::SmStore>>,
+    /// Both redb files, to wait at stop until openraft's tasks let go of them.
+    files: Vec<std::sync::Weak<redb::Database>>,
     /// The term this replica serves as leader in; written only by the watcher.
     pub up: watch::Receiver<Option<u64>>,
     events: Mutex<Option<mpsc::UnboundedReceiver<LeaderEvent>>>,
@@ -188,6 +194,7 @@ impl Db {
             me: ident.replica,
         };
         let sm = files.sm.clone();
+        let weak_files = vec![files.log.weak(), files.sm.weak()];
         let raft = Raft::new(
             ident.replica.node_id(),
             Arc::new(raft_config),
@@ -210,7 +217,8 @@ impl Db {
             addr: opts.addr.clone(),
             config: opts.config.clone(),
             raft: raft.clone(),
-            sm,
+            sm: Mutex::new(Some(sm)),
+            files: weak_files,
             up: up_rx,
             events: Mutex::new(Some(ev_rx)),
             batcher: batch_tx,
@@ -358,6 +366,14 @@ impl Db {
             (Some(u), Some(t)) if u == t => Ok(crate::tx::Tx::new(self.clone(), u)),
             _ => Err(self.not_leader()),
         }
+    }
+
+    /// A handle on the state machine's file for queries; fails once stopped.
+    pub(crate) fn sm_database(&self) -> Result<Arc<redb::Database>> {
+        let sm = self.inner.sm.lock().expect("lock");
+        sm.as_ref()
+            .map(|s| s.database().clone())
+            .ok_or_else(|| Error::Stopped("replica stopped".into()))
     }
 
     /// Proves that this replica still leads `term` and that its state machine has applied
@@ -525,8 +541,19 @@ impl Db {
             let _ = t.await;
         }
         let _ = self.inner.raft.shutdown().await;
-        let sm = self.inner.sm.clone();
-        storage::log::blocking(move || sm.sync()).await?;
+        let sm = self.inner.sm.lock().expect("lock").take();
+        if let Some(sm) = sm {
+            storage::log::blocking(move || sm.sync()).await?;
+        }
+        // openraft's storage tasks end shortly after its core; wait until the files are free so
+        // that the replica can be opened again at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.inner.files.iter().any(|w| w.strong_count() > 0) {
+            if Instant::now() > deadline {
+                return Err(Error::Timeout("stop: storage still in use after 10 s".into()));
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
         tracing::info!(replica = %self.inner.ident.replica, "stopped replica");
         Ok(())
     }

@@ -355,10 +355,7 @@ impl<B: TreeRead> Overlay<'_, B> {
                 let (pid, mut pinfo) = try_det!(self.resolve(parent)?);
                 try_det!(check_key(&pinfo, key));
                 if self.entry(pid, key)?.is_some() {
-                    return Ok(Err(ApplyError::Exists(format!(
-                        "{}",
-                        show_path(&parent.child(key.clone()))
-                    ))));
+                    return Ok(Err(ApplyError::Exists(show_path(&parent.child(key.clone())))));
                 }
                 let id = self.next_id;
                 self.next_id += 1;
@@ -539,12 +536,15 @@ pub(crate) fn apply_tx(
     Ok(Ok(()))
 }
 
+/// A bound on the `entries` table's `(kvs id, key)` keys.
+pub(crate) type EntryBound<'a> = Bound<(u64, &'a [u8])>;
+
 /// Range bounds over the entries of one KVS.
 pub(crate) fn kvs_range<'a>(
     id: u64,
     start: Bound<&'a [u8]>,
     end: Bound<&'a [u8]>,
-) -> (Bound<(u64, &'a [u8])>, Bound<(u64, &'a [u8])>) {
+) -> (EntryBound<'a>, EntryBound<'a>) {
     let lo = match start {
         Bound::Included(k) => Bound::Included((id, k)),
         Bound::Excluded(k) => Bound::Excluded((id, k)),

@@ -51,7 +51,7 @@ impl Tx {
     async fn tables(&mut self) -> Result<ReadTables> {
         if self.read.is_none() {
             self.db.ensure_linearizable(self.term).await?;
-            self.read = Some(self.db.inner.sm.database().begin_read()?);
+            self.read = Some(self.db.sm_database()?.begin_read()?);
         }
         let r = self.read.as_ref().expect("just set");
         Ok(Tables {

@@ -23,6 +23,10 @@
 //! `snapshots/current` names the newest complete snapshot file and its metadata; it is replaced
 //! atomically (write, fsync, rename, fsync directory).
 
+// NB: openraft's trait methods return its own (large) StorageError; the helpers here
+// return it too rather than convert back and forth.
+#![allow(clippy::result_large_err)]
+
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path as FsPath, PathBuf};
@@ -128,6 +132,11 @@ impl SmStore {
     /// The redb handle, for queries.
     pub(crate) fn database(&self) -> &Arc<Database> {
         &self.db
+    }
+
+    /// A weak handle on the redb file, to see when every user let go of it.
+    pub(crate) fn weak(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
     }
 
     pub(crate) fn get_meta_raw(&self, key: &str) -> Result<Option<Vec<u8>>, redb::Error> {
@@ -439,9 +448,10 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         I: IntoIterator<Item = Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
+        // NB: applied inline, not on the blocking pool: an apply is a non-durable redb commit
+        // (CPU and page-cache writes, no fsync), and the thread hop cost more than the work.
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let this = self.clone();
-        blocking(move || this.apply_blocking(entries)).await.map_err(|e| {
+        self.apply_blocking(entries).map_err(|e| {
             tracing::error!(cause = %e, "state machine apply failed; the replica stops");
             sm_err(ErrorVerb::Write, e)
         })

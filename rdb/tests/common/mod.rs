@@ -13,6 +13,8 @@ use rdb::{
 use tempfile::TempDir;
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
+/// How often conditions are re-checked.
+pub const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `cond` until it yields `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut cond: F) -> T
@@ -28,7 +30,7 @@ where
         if start.elapsed() > timeout {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 

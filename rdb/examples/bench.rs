@@ -1,0 +1,230 @@
+//! Durable-commit benchmark: a 3-replica rdb group on real files (in-process transport), 256-byte
+//! values, 1/16/64 concurrent writers, against the fdatasync floor measured in the same run on
+//! the same directory.
+//!
+//! ```sh
+//! cargo run --release -p rdb --example bench                 # full run (~30 s)
+//! cargo run --release -p rdb --example bench -- --quick      # smoke run (CI)
+//! cargo run --release -p rdb --example bench -- --dir /mnt/nvme/tmp --seconds 10
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rdb::{Db, DbConfig, DbId, LocalNet, Member, Path, ReplicaId, StartOptions};
+
+#[derive(Parser, Debug)]
+#[command(about = "rdb durable commit benchmark")]
+struct Args {
+    /// Directory for the replicas' files (default: a temp dir under the current directory, so
+    /// that the disk measured is the one the project lives on, not a tmpfs).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seconds per writer count.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Writer counts to run.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    writers: Vec<usize>,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+    /// Log entries the leader keeps in flight (`DbConfig::max_inflight_batches`).
+    #[arg(long)]
+    inflight: Option<usize>,
+    /// Replicas in the group.
+    #[arg(long, default_value_t = 3)]
+    replicas: u32,
+    /// A short smoke run.
+    #[arg(long)]
+    quick: bool,
+}
+
+struct Floor {
+    per_sec: f64,
+    p50_us: u64,
+}
+
+/// Sequential 256-byte write + fdatasync on one file: the rate one durable commit at a time can
+/// never beat.
+fn fsync_floor(dir: &std::path::Path, dur: Duration, bytes: usize) -> std::io::Result<Floor> {
+    let path = dir.join("fsync-floor.dat");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let buf = vec![0xAB; bytes];
+    let mut h = Histogram::<u64>::new(3).expect("histogram");
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        h.record(t.elapsed().as_micros() as u64).ok();
+        n += 1;
+    }
+    std::fs::remove_file(&path)?;
+    Ok(Floor {
+        per_sec: n as f64 / start.elapsed().as_secs_f64(),
+        p50_us: h.value_at_quantile(0.5),
+    })
+}
+
+/// Sequential durable redb commits of one 256-byte insert each: the storage engine's floor.
+fn redb_floor(dir: &std::path::Path, dur: Duration, bytes: usize) -> Result<Floor, redb::Error> {
+    const T: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
+    let path = dir.join("redb-floor.redb");
+    let db = redb::Database::create(&path)?;
+    let buf = vec![0xAB; bytes];
+    let mut h = Histogram::<u64>::new(3).expect("histogram");
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        let tx = db.begin_write()?;
+        tx.open_table(T)?.insert(n, buf.as_slice())?;
+        tx.commit()?;
+        h.record(t.elapsed().as_micros() as u64).ok();
+        n += 1;
+    }
+    drop(db);
+    std::fs::remove_file(&path)?;
+    Ok(Floor {
+        per_sec: n as f64 / start.elapsed().as_secs_f64(),
+        p50_us: h.value_at_quantile(0.5),
+    })
+}
+
+struct Run {
+    writers: usize,
+    commits: u64,
+    per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    entries: u64,
+}
+
+async fn run_writers(db: &Db, writers: usize, dur: Duration, value_bytes: usize) -> Run {
+    let before = db.status().last_log_index.unwrap_or(0);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            let value = vec![w as u8; value_bytes];
+            let mut i = 0u64;
+            while start.elapsed() < dur {
+                let t = Instant::now();
+                let mut tx = db.begin(None).expect("leader");
+                tx.update(&Path::root(), format!("w{w}-{i}"), value.clone());
+                tx.commit().await.expect("commit");
+                h.record(t.elapsed().as_micros() as u64).ok();
+                i += 1;
+            }
+            h
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3).expect("histogram");
+    for t in tasks {
+        all.add(t.await.expect("writer")).ok();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let entries = db.status().last_log_index.unwrap_or(0) - before;
+    Run {
+        writers,
+        commits: all.len(),
+        per_sec: all.len() as f64 / secs,
+        p50_us: all.value_at_quantile(0.5),
+        p99_us: all.value_at_quantile(0.99),
+        entries,
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.seconds = args.seconds.min(1.0);
+    }
+    if args.writers.is_empty() || args.writers.contains(&0) {
+        return Err("--writers needs positive counts, e.g. 1,16,64".into());
+    }
+    let tmp = match &args.dir {
+        Some(d) => tempfile::Builder::new().prefix("rdb-bench-").tempdir_in(d)?,
+        None => tempfile::Builder::new().prefix("rdb-bench-").tempdir_in(".")?,
+    };
+    let dur = Duration::from_secs_f64(args.seconds);
+    println!(
+        "rdb bench: {} replicas, in-process transport, files in {}",
+        args.replicas,
+        tmp.path().display()
+    );
+
+    let floor = fsync_floor(tmp.path(), dur.min(Duration::from_secs(3)), args.value_bytes)?;
+    println!(
+        "fdatasync floor: {:.0} writes/s, p50 {} us (sequential {}-byte write + fdatasync)",
+        floor.per_sec, floor.p50_us, args.value_bytes
+    );
+
+    let rf = redb_floor(tmp.path(), dur.min(Duration::from_secs(3)), args.value_bytes)?;
+    println!(
+        "redb floor:      {:.0} commits/s, p50 {} us (sequential durable commits of one {}-byte insert)",
+        rf.per_sec, rf.p50_us, args.value_bytes
+    );
+
+    let net = LocalNet::new();
+    let id = DbId::random();
+    let mut config = DbConfig::default();
+    if let Some(n) = args.inflight {
+        config.max_inflight_batches = n;
+    }
+    let mut dbs = Vec::new();
+    for rank in 1..=args.replicas {
+        let dir = tmp.path().join(format!("r{rank}"));
+        Db::create(&dir, id, ReplicaId::new(rank, 1), None)?;
+        let addr = format!("local:{rank}");
+        let mut opts = StartOptions::new(Arc::new(net.clone()), addr.clone());
+        opts.config = config.clone();
+        let db = Db::start(&dir, opts).await?;
+        net.register(&addr, Arc::new(db.clone()));
+        dbs.push(db);
+    }
+    let members: Vec<Member> = dbs.iter().map(Db::member).collect();
+    dbs[0].initialize(members).await?;
+    let term = dbs[0].wait_up(Duration::from_secs(30)).await?;
+    println!("replica 1.1 leads term {term}\n");
+
+    let mut runs = Vec::new();
+    for &w in &args.writers {
+        let r = run_writers(&dbs[0], w, dur, args.value_bytes).await;
+        runs.push(r);
+    }
+    println!(
+        "| writers | commits | commits/s | x floor | p50 ms | p99 ms | p50 / floor p50 | txs per entry |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &runs {
+        println!(
+            "| {} | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            r.writers,
+            r.commits,
+            r.per_sec,
+            r.per_sec / floor.per_sec,
+            r.p50_us as f64 / 1000.0,
+            r.p99_us as f64 / 1000.0,
+            r.p50_us as f64 / floor.p50_us.max(1) as f64,
+            r.commits as f64 / r.entries.max(1) as f64,
+        );
+    }
+    for db in &dbs {
+        db.stop().await?;
+    }
+    Ok(())
+}
