@@ -808,10 +808,23 @@ async fn watch_leadership(
         if last_probe.is_none_or(|at| at.elapsed() >= cfg.heartbeat) {
             let issued = Instant::now();
             last_probe = Some(issued);
-            let ok = matches!(
+            let mut ok = matches!(
                 tokio::time::timeout(cfg.quorum_timeout, raft.ensure_linearizable()).await,
                 Ok(Ok(_))
             );
+            if ok && alt.up().is_none() {
+                // NB: openraft 0.9 restarts a crashed leader as leader of its old term, with
+                // the commit index it last persisted; a ReadIndex then only covers that. Before
+                // serving, everything in our log when we took office must be applied: that is
+                // the new term's first entry for a fresh leader (DAOS's debut entry), and every
+                // entry written before the crash for a restarted one.
+                let target = raft.metrics().borrow().last_log_index;
+                let wait = raft.wait(Some(cfg.election_timeout.1));
+                ok = wait
+                    .applied_index_at_least(target, "leader applies its whole log")
+                    .await
+                    .is_ok();
+            }
             if ok && leader_term(&raft.metrics().borrow()) == Some(t) {
                 confirmed_at = issued;
                 emit(&mut alt, Some(t));
