@@ -39,6 +39,10 @@ struct Args {
     /// Replicas in the group.
     #[arg(long, default_value_t = 3)]
     replicas: u32,
+    /// Run everything on one tokio thread (fewer cross-thread wake-ups; blocking I/O still
+    /// runs on tokio's blocking pool).
+    #[arg(long)]
+    single_thread: bool,
     /// A short smoke run.
     #[arg(long)]
     quick: bool,
@@ -147,9 +151,19 @@ async fn run_writers(db: &Db, writers: usize, dur: Duration, value_bytes: usize)
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = Args::parse();
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let rt = if args.single_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
+    };
+    rt.block_on(bench(args))
+}
+
+async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.quick {
         args.seconds = args.seconds.min(1.0);
     }
