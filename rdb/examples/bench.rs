@@ -176,8 +176,9 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let dur = Duration::from_secs_f64(args.seconds);
     println!(
-        "rdb bench: {} replicas, in-process transport, files in {}",
+        "rdb bench: {} replicas, in-process transport, {} tokio runtime, files in {}",
         args.replicas,
+        if args.single_thread { "single-thread" } else { "multi-thread" },
         tmp.path().display()
     );
 
