@@ -178,7 +178,11 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "rdb bench: {} replicas, in-process transport, {} tokio runtime, files in {}",
         args.replicas,
-        if args.single_thread { "single-thread" } else { "multi-thread" },
+        if args.single_thread {
+            "single-thread"
+        } else {
+            "multi-thread"
+        },
         tmp.path().display()
     );
 
