@@ -405,7 +405,7 @@ impl Db {
         match self.inner.admission.check(&ops, false)? {
             Verdict::Admit => {}
             Verdict::CompactAndRetry => {
-                self.compact().await;
+                self.compact(Duration::from_secs(2)).await;
                 if let Verdict::Refuse { free, needed } = self.inner.admission.check(&ops, true)? {
                     return Err(Error::NoSpace { free, needed });
                 }
@@ -434,29 +434,35 @@ impl Db {
         }
     }
 
-    /// Builds a snapshot now and purges the log behind it. Waits at most two seconds.
-    pub async fn compact(&self) {
+    /// Builds a snapshot now and purges the log behind it, waiting at most `timeout` for the
+    /// snapshot. Returns whether it was built and the log purged.
+    pub async fn compact(&self, timeout: Duration) -> bool {
         let raft = &self.inner.raft;
         let before = raft.metrics().borrow().snapshot;
         if raft.trigger().snapshot().await.is_err() {
-            return;
+            return false;
         }
         let mut m = raft.metrics();
-        let done = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
+        let work = async {
+            let snap = loop {
                 let snap = m.borrow_and_update().snapshot;
-                if snap != before {
-                    return snap;
+                if snap.is_some() && snap != before {
+                    break snap?;
                 }
-                if m.changed().await.is_err() {
-                    return None;
-                }
+                m.changed().await.ok()?;
+            };
+            raft.trigger().purge_log(snap.index).await.ok()?;
+            while m.borrow_and_update().purged.is_none_or(|p| p.index < snap.index) {
+                m.changed().await.ok()?;
             }
-        })
-        .await;
-        if let Ok(Some(s)) = done {
-            let _ = raft.trigger().purge_log(s.index).await;
-            tracing::info!(upto = s.index, "compacted: snapshot built and log purged");
+            Some(snap.index)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Some(upto)) => {
+                tracing::info!(upto, "compacted: snapshot built and log purged");
+                true
+            }
+            _ => false,
         }
     }
 
@@ -632,11 +638,10 @@ impl Db {
                     .await,
             ),
             RpcKind::Vote => codec::encode(&raft.vote(codec::decode(&rpc.payload).map_err(bad)?).await),
-            RpcKind::Snapshot => codec::encode(
-                &raft
-                    .install_snapshot(codec::decode(&rpc.payload).map_err(bad)?)
-                    .await,
-            ),
+            RpcKind::Snapshot => {
+                let chunk: crate::network::SnapshotChunk = codec::decode(&rpc.payload).map_err(bad)?;
+                codec::encode(&raft.install_snapshot(chunk.into()).await)
+            }
         };
         reply.map_err(|e| Refusal::Malformed(e.to_string()))
     }

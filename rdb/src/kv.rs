@@ -13,7 +13,7 @@
 //! are stored as 8-byte big-endian numbers, so byte order is numeric order; Lexical keys are in
 //! byte order; Generic keys are in byte order too, which satisfies "any order".
 //!
-//! APPLY CONTRACT. [`apply_tx`] applies a transaction's operations in order against an
+//! APPLY CONTRACT. `apply_tx` applies a transaction's operations in order against an
 //! overlay and writes the overlay out only if every operation succeeded. A deterministic error
 //! (missing KVS or key, a precondition, a wrong key) therefore leaves no effect at all, and every
 //! replica reaches the same verdict because it depends only on the state and the operations. An
@@ -60,7 +60,22 @@ pub fn int_of_key(key: &[u8]) -> Option<u64> {
 
 /// The path of a KVS: the keys leading to it from the root. The root's path is empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Path(pub Vec<Vec<u8>>);
+pub struct Path(#[serde(with = "path_keys")] pub Vec<Vec<u8>>);
+
+/// Serializes path keys as byte strings (postcard: length + raw bytes, not one element each).
+mod path_keys {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(keys: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let v: Vec<&serde_bytes::Bytes> = keys.iter().map(|k| serde_bytes::Bytes::new(k)).collect();
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let v: Vec<serde_bytes::ByteBuf> = Vec::deserialize(d)?;
+        Ok(v.into_iter().map(|b| b.into_vec()).collect())
+    }
+}
 
 impl Path {
     /// The root KVS.
@@ -93,7 +108,11 @@ pub enum Op {
     },
     /// Destroys the child KVS `key` of `parent` with all its values. Fails with `NotEmpty` if it
     /// still has child KVSs: a KVS is destroyed only after its children.
-    DestroyKvs { parent: Path, key: Vec<u8> },
+    DestroyKvs {
+        parent: Path,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Sets `key` in the KVS at `kvs` to `value`. `critical` updates pass free-space admission
     /// when space is low (DAOS `update_critical`).
     Update {
@@ -103,7 +122,11 @@ pub enum Op {
         critical: bool,
     },
     /// Removes `key` from the KVS at `kvs`; fails with `NotFound` if it is absent.
-    Delete { kvs: Path, key: Vec<u8> },
+    Delete {
+        kvs: Path,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// A precondition: `key` in the KVS at `kvs` holds `value` (`None`: is absent). Lets a caller
     /// make a transaction conditional on what it read (compare-and-set).
     Expect {
