@@ -1,0 +1,387 @@
+//! The client: leader search, retries with backoff, deadlines, exactly-once sequencing.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::ServiceApi;
+use crate::error::{ClientError, WireError};
+use crate::leader::{Outcome, ReplicaSet};
+use crate::wire::{self, pb};
+
+/// Client timing. Every call has a deadline: no call waits forever.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Overall deadline of one `call`, retries included.
+    pub deadline: Duration,
+    /// Deadline of one attempt against one replica.
+    pub rpc_timeout: Duration,
+    /// First backoff step; doubles per consecutive failed round, with full jitter.
+    pub backoff_base: Duration,
+    /// Largest backoff step.
+    pub backoff_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            deadline: Duration::from_secs(30),
+            rpc_timeout: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where the replicas of an instance are: `(rank, address)` pairs.
+pub type Replicas = Vec<(u32, String)>;
+
+/// Looks up the replicas of an instance, e.g. by asking the management service.
+#[tonic::async_trait]
+pub trait Locator: Send + Sync + 'static {
+    /// The replicas of `class`/`instance`.
+    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, String>;
+}
+
+/// A fixed replica list.
+#[derive(Clone, Debug)]
+pub struct StaticLocator(pub Replicas);
+
+#[tonic::async_trait]
+impl Locator for StaticLocator {
+    async fn locate(&self, _class: &str, _instance: &str) -> Result<Replicas, String> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Connections to engines, shared by every client in a process.
+#[derive(Clone, Default)]
+pub struct Connections {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Connections {
+    /// A client for the engine at `addr` (host:port), reusing its connection.
+    pub fn get(&self, addr: &str) -> Result<pb::rsvc_client::RsvcClient<Channel>, String> {
+        let mut m = self.channels.lock().expect("lock");
+        let ch = match m.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let ep = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| format!("bad address {addr}: {e}"))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true);
+                let c = ep.connect_lazy();
+                m.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(pb::rsvc_client::RsvcClient::new(ch)
+            .max_decoding_message_size(wire::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(wire::MAX_MESSAGE_BYTES))
+    }
+}
+
+/// Counters a client keeps about itself.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Attempts that had to be retried (another replica, or after a backoff).
+    pub retries: AtomicU64,
+    /// Calls that succeeded.
+    pub calls: AtomicU64,
+}
+
+/// A client of one instance of service `S`.
+pub struct RsvcClient<S: ServiceApi> {
+    instance: String,
+    set: Mutex<ReplicaSet>,
+    addrs: Mutex<HashMap<u32, String>>,
+    locator: Arc<dyn Locator>,
+    conns: Connections,
+    client_id: [u8; 16],
+    seq: AtomicU64,
+    cfg: ClientConfig,
+    /// Retry and call counts.
+    pub stats: ClientStats,
+    _s: PhantomData<fn() -> S>,
+}
+
+struct Attempt {
+    rank: u32,
+    outcome: Result<Vec<u8>, Failure>,
+}
+
+/// Why one attempt failed.
+enum Failure {
+    /// The replica could not be reached or did not answer in time.
+    Transport(String),
+    /// The replica answered with an error.
+    Wire(WireError),
+}
+
+impl<S: ServiceApi> RsvcClient<S> {
+    /// A client of `S`'s instance `instance`, finding replicas through `locator`.
+    pub fn new(
+        instance: impl Into<String>,
+        locator: Arc<dyn Locator>,
+        conns: Connections,
+        cfg: ClientConfig,
+    ) -> Self {
+        RsvcClient {
+            instance: instance.into(),
+            set: Mutex::new(ReplicaSet::new([])),
+            addrs: Mutex::new(HashMap::new()),
+            locator,
+            conns,
+            client_id: rand::random(),
+            seq: AtomicU64::new(0),
+            cfg,
+            stats: ClientStats::default(),
+            _s: PhantomData,
+        }
+    }
+
+    /// The instance this client talks to.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The leader this client believes in: `(rank, term)`.
+    pub fn cached_leader(&self) -> Option<(u32, u64)> {
+        self.set.lock().expect("lock").leader().map(|h| (h.rank, h.term))
+    }
+
+    async fn refresh(&self) -> Result<(), String> {
+        let replicas = self.locator.locate(S::CLASS, &self.instance).await?;
+        tracing::debug!(class = S::CLASS, instance = %self.instance, ?replicas, "refreshed replica list");
+        let mut addrs = self.addrs.lock().expect("lock");
+        for (r, a) in &replicas {
+            addrs.insert(*r, a.clone());
+        }
+        self.set
+            .lock()
+            .expect("lock")
+            .reset(replicas.into_iter().map(|(r, _)| r));
+        Ok(())
+    }
+
+    async fn attempt(&self, rank: u32, req: pb::CallRequest, timeout: Duration) -> Attempt {
+        let addr = self.addrs.lock().expect("lock").get(&rank).cloned();
+        let Some(addr) = addr else {
+            self.set
+                .lock()
+                .expect("lock")
+                .complete(rank, Outcome::Unreachable);
+            return Attempt {
+                rank,
+                outcome: Err(Failure::Transport(format!("no address for rank {rank}"))),
+            };
+        };
+        let mut client = match self.conns.get(&addr) {
+            Ok(c) => c,
+            Err(e) => {
+                self.set
+                    .lock()
+                    .expect("lock")
+                    .complete(rank, Outcome::Unreachable);
+                return Attempt {
+                    rank,
+                    outcome: Err(Failure::Transport(e)),
+                };
+            }
+        };
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(timeout);
+        let res = tokio::time::timeout(timeout, client.call(request)).await;
+        let reply = match res {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                tracing::debug!(rank, %addr, code = ?status.code(), msg = status.message(), "call failed");
+                self.set
+                    .lock()
+                    .expect("lock")
+                    .complete(rank, Outcome::Unreachable);
+                let msg = format!("rank {rank} at {addr}: {:?} {}", status.code(), status.message());
+                return Attempt {
+                    rank,
+                    outcome: Err(Failure::Transport(msg)),
+                };
+            }
+            Err(_) => {
+                self.set
+                    .lock()
+                    .expect("lock")
+                    .complete(rank, Outcome::Unreachable);
+                let msg = format!("rank {rank} at {addr}: timed out after {timeout:?}");
+                return Attempt {
+                    rank,
+                    outcome: Err(Failure::Transport(msg)),
+                };
+            }
+        };
+        let hint = wire::hint_of(reply.hint.as_ref());
+        if let Some(h) = &hint {
+            if let Some(a) = &h.addr {
+                self.addrs
+                    .lock()
+                    .expect("lock")
+                    .entry(h.hint.rank)
+                    .or_insert_with(|| a.clone());
+            }
+        }
+        let h = hint.map(|h| h.hint);
+        let outcome = match reply.result {
+            Some(pb::call_reply::Result::Ok(b)) => {
+                self.set
+                    .lock()
+                    .expect("lock")
+                    .complete(rank, Outcome::Answered(h));
+                Ok(b)
+            }
+            Some(pb::call_reply::Result::Error(e)) => {
+                let e = WireError::from(&e);
+                let o = match &e {
+                    WireError::NotLeader => Outcome::NotLeader(h),
+                    WireError::NotReplica => Outcome::NotReplica,
+                    WireError::Shutdown => Outcome::Unreachable,
+                    _ => Outcome::Answered(h),
+                };
+                self.set.lock().expect("lock").complete(rank, o);
+                Err(Failure::Wire(e))
+            }
+            None => {
+                self.set
+                    .lock()
+                    .expect("lock")
+                    .complete(rank, Outcome::Unreachable);
+                Err(Failure::Transport(format!("rank {rank}: empty reply")))
+            }
+        };
+        Attempt { rank, outcome }
+    }
+
+    /// Sends `req` (already encoded) until a leader answers or the deadline passes.
+    async fn send(&self, mut req: pb::CallRequest) -> Result<Vec<u8>, ClientError<S::Error>> {
+        let start = Instant::now();
+        let deadline = start + self.cfg.deadline;
+        let mut attempts = 0u32;
+        let mut last = String::from("nothing tried");
+        let mut round_failures = 0u32;
+        req.class = S::CLASS.to_string();
+        req.instance = self.instance.clone();
+        req.client_id = self.client_id.to_vec();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Deadline {
+                    deadline_ms: self.cfg.deadline.as_millis() as u64,
+                    attempts,
+                    last,
+                });
+            }
+            let chosen = self.set.lock().expect("lock").choose();
+            let rank = match chosen {
+                Some(r) => r,
+                None => {
+                    if let Err(e) = self.refresh().await {
+                        last = format!("replica lookup failed: {e}");
+                    }
+                    if self.set.lock().expect("lock").is_empty() {
+                        round_failures += 1;
+                        self.backoff(round_failures, deadline).await;
+                        if attempts == 0 && Instant::now() >= deadline {
+                            return Err(ClientError::NoReplicas(format!("{}/{}", S::CLASS, self.instance)));
+                        }
+                    }
+                    continue;
+                }
+            };
+            attempts += 1;
+            let timeout = self.cfg.rpc_timeout.min(deadline - now);
+            let a = self.attempt(rank, req.clone(), timeout).await;
+            match a.outcome {
+                Ok(b) => {
+                    self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                    if attempts > 1 {
+                        tracing::info!(class = S::CLASS, instance = %self.instance, rank = a.rank, attempts,
+                            elapsed_ms = start.elapsed().as_millis() as u64, "call succeeded after retries");
+                    }
+                    return Ok(b);
+                }
+                Err(Failure::Wire(WireError::Service(b))) => {
+                    return Err(wire::decode(&b)
+                        .map(ClientError::Service)
+                        .unwrap_or_else(|e| ClientError::Codec(e.to_string())));
+                }
+                Err(Failure::Wire(e @ (WireError::Stale | WireError::NoHandle | WireError::Invalid(_)))) => {
+                    return Err(ClientError::Wire(e));
+                }
+                Err(f) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    let (what, not_leader) = match &f {
+                        Failure::Transport(m) => (m.clone(), false),
+                        Failure::Wire(e) => {
+                            (format!("rank {}: {e}", a.rank), matches!(e, WireError::NotLeader))
+                        }
+                    };
+                    tracing::debug!(class = S::CLASS, instance = %self.instance, error = %what, "retrying");
+                    last = what;
+                    // A hint to a new leader is worth following at once; otherwise back off.
+                    let next_is_leader = {
+                        let s = self.set.lock().expect("lock");
+                        s.leader().is_some_and(|l| l.rank != a.rank)
+                    };
+                    if !(not_leader && next_is_leader) {
+                        round_failures += 1;
+                        self.backoff(round_failures, deadline).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn backoff(&self, failures: u32, deadline: Instant) {
+        let exp = self
+            .cfg
+            .backoff_base
+            .saturating_mul(1u32 << failures.min(16).saturating_sub(1));
+        let cap = exp.min(self.cfg.backoff_max);
+        let jittered = cap.mul_f64(rand::random::<f64>());
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(jittered.min(remaining)).await;
+    }
+
+    /// Finds the current leader: `(rank, term)`.
+    pub async fn locate_leader(&self) -> Result<(u32, u64), ClientError<S::Error>> {
+        let req = pb::CallRequest {
+            probe: true,
+            ..Default::default()
+        };
+        self.send(req).await?;
+        self.cached_leader()
+            .ok_or_else(|| ClientError::Codec("leader answered without a hint".into()))
+    }
+
+    /// Calls the service. Mutating requests are numbered so that a retry after a failover
+    /// returns the first result instead of applying twice.
+    pub async fn call(&self, req: &S::Request) -> Result<S::Response, ClientError<S::Error>> {
+        let seq = if S::is_mutating(req) {
+            self.seq.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        };
+        let payload = wire::encode(req).map_err(|e| ClientError::Codec(e.to_string()))?;
+        let b = self
+            .send(pb::CallRequest {
+                seq,
+                payload,
+                ..Default::default()
+            })
+            .await?;
+        wire::decode(&b).map_err(|e| ClientError::Codec(e.to_string()))
+    }
+}

@@ -1,0 +1,70 @@
+//! The errors that cross the wire (a closed set) and the client's own error enum.
+
+/// The closed set of errors a server sends; see `proto/rsvc.proto`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Not the leader; the reply's hint says who might be.
+    #[error("not leader")]
+    NotLeader,
+    /// No replica of the instance here.
+    #[error("not a replica")]
+    NotReplica,
+    /// Out of space; nothing was written.
+    #[error("no space")]
+    NoSpace,
+    /// The request referred to an outdated term or version.
+    #[error("stale")]
+    Stale,
+    /// Busy; retry later.
+    #[error("busy")]
+    Busy,
+    /// Unknown or evicted handle.
+    #[error("no handle")]
+    NoHandle,
+    /// The engine is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+    /// Malformed request or unknown service class.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The service's own error, postcard-encoded.
+    #[error("service error")]
+    Service(Vec<u8>),
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError<E> {
+    /// The service answered with its own error.
+    #[error("service error: {0:?}")]
+    Service(E),
+    /// No replica is known and none could be learned from the management service.
+    #[error("no replica of {0} is known")]
+    NoReplicas(String),
+    /// The deadline passed; says what was tried.
+    #[error("deadline of {deadline_ms} ms passed after {attempts} attempts; last: {last}")]
+    Deadline {
+        deadline_ms: u64,
+        attempts: u32,
+        last: String,
+    },
+    /// A final (not retryable) framework error.
+    #[error("{0}")]
+    Wire(WireError),
+    /// The reply could not be decoded.
+    #[error("bad reply: {0}")]
+    Codec(String),
+}
+
+impl<E> ClientError<E> {
+    /// Whether the caller may try again later (the call itself already retried until its
+    /// deadline).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Deadline { .. }
+                | ClientError::NoReplicas(_)
+                | ClientError::Wire(WireError::NoSpace | WireError::Busy | WireError::Shutdown)
+        )
+    }
+}

@@ -1,0 +1,39 @@
+//! # rsvc-client: finding the leader of a replicated service and calling it
+//!
+//! This crate owns the wire contract that clients and engines share: the client-facing protos
+//! (`proto/rsvc.proto`), the leader hint, and the closed set of wire errors. It depends on
+//! neither the engine nor the storage, so a program that only calls services stays light.
+//!
+//! ## LEADER SEARCH
+//!
+//! [`leader::ReplicaSet`] is DAOS's `dc_rsvc` algorithm as a plain state machine. A client keeps
+//! the sorted replica list of an instance, the leader it believes in with that leader's term,
+//! and whether that leader still answers. It calls the leader while it answers, and otherwise
+//! walks the list round-robin from a random start. A hint with a newer term wins; an older one is
+//! ignored, and a hinted rank not on the list is added. `NotReplica` and unreachable replicas are
+//! dropped, and an empty list is refilled through a [`Locator`], usually the management
+//! service.
+//!
+//! ## CALLS
+//!
+//! [`RsvcClient::call`] retries on retryable errors, backing off exponentially with full
+//! jitter, until an overall deadline. The error names the attempts it made and the last
+//! failure. Mutating requests carry the client's random id and a sequence number, so that the
+//! engine applies a retried request once and returns the first result (exactly-once).
+//!
+//! ## CAVEATS
+//!
+//! - Sequence numbers assume one in-flight mutating call per client at a time for strict
+//!   "first result" semantics across concurrent retries.
+//! - Connections are created lazily and never pruned.
+
+pub mod api;
+pub mod client;
+pub mod error;
+pub mod leader;
+pub mod wire;
+
+pub use api::ServiceApi;
+pub use client::{ClientConfig, Connections, Locator, Replicas, RsvcClient, StaticLocator};
+pub use error::{ClientError, WireError};
+pub use leader::{Hint, ReplicaSet};
