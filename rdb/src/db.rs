@@ -321,6 +321,17 @@ impl Db {
         (m.current_leader.map(ReplicaId::from_node_id), m.current_term)
     }
 
+    /// The members (voters and learners) of the effective membership, with their addresses.
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
     pub(crate) fn not_leader(&self) -> Error {
         let (leader, term) = self.hint();
         Error::NotLeader { leader, term }

@@ -1,0 +1,457 @@
+//! The engine: one process hosting many replicas, serving clients, peers and lifecycle calls
+//! on one gRPC listener.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use rdb::{Db, DbConfig, DbId, Member, ReplicaId, StartOptions};
+use rsvc_client::wire::{self as cwire, pb as cpb};
+use rsvc_client::{ServiceApi, WireError};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::host::{Host, State};
+use crate::service::ServiceFactory;
+use crate::transport::{GrpcTransport, MAX_RAFT_MESSAGE_BYTES};
+use crate::wire::{self, pb};
+
+/// What an engine needs to run.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This engine's rank: unique in the system, stable across restarts.
+    pub rank: u32,
+    /// Where to listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The address peers and clients use to reach this engine (default: the bound address).
+    pub advertise: Option<String>,
+    /// One subdirectory per replica: `<data_dir>/<class>/<instance>/`.
+    pub data_dir: PathBuf,
+    /// System name; messages from another system are refused.
+    pub cluster: String,
+    /// rdb tunables for every hosted replica.
+    pub db: DbConfig,
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// I/O while binding or scanning the data directory.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// rdb refused.
+    #[error("rdb: {0}")]
+    Rdb(#[from] rdb::Error),
+    /// Unknown service class.
+    #[error("no service class {0:?} is registered on this engine")]
+    UnknownClass(String),
+    /// Bad argument.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+struct Inner {
+    rank: u32,
+    addr: String,
+    cluster: String,
+    data_dir: PathBuf,
+    db_config: DbConfig,
+    transport: Arc<GrpcTransport>,
+    factories: HashMap<String, Arc<dyn ServiceFactory>>,
+    hosts: RwLock<HashMap<(String, String), Arc<Host>>>,
+    stopping: AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Engine {
+    /// Binds, recovers every replica found under the data directory, and starts serving.
+    pub async fn start(
+        cfg: EngineConfig,
+        factories: Vec<Arc<dyn ServiceFactory>>,
+    ) -> Result<Engine, EngineError> {
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let bound = listener.local_addr()?;
+        let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            rank: cfg.rank,
+            addr,
+            cluster: cfg.cluster.clone(),
+            data_dir: cfg.data_dir.clone(),
+            db_config: cfg.db.clone(),
+            transport: Arc::new(GrpcTransport::new(cfg.cluster.clone())),
+            factories: factories
+                .into_iter()
+                .map(|f| (f.class().to_string(), f))
+                .collect(),
+            hosts: RwLock::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            shutdown,
+        });
+        let engine = Engine { inner };
+        engine.recover().await?;
+
+        let rsvc = cpb::rsvc_server::RsvcServer::new(RsvcSvc(engine.clone()))
+            .max_decoding_message_size(cwire::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(cwire::MAX_MESSAGE_BYTES);
+        let peer = pb::peer_server::PeerServer::new(PeerSvc(engine.clone()))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        let mut stop = engine.inner.shutdown.subscribe();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tokio::spawn(async move {
+            let res = tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(256)
+                .add_service(rsvc)
+                .add_service(peer)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(cause = %e, "gRPC server failed");
+            }
+        });
+        tracing::info!(rank = engine.inner.rank, addr = %engine.inner.addr, "engine serving");
+        Ok(engine)
+    }
+
+    /// This engine's rank.
+    pub fn rank(&self) -> u32 {
+        self.inner.rank
+    }
+
+    /// The address peers and clients reach this engine at.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    fn replica_dir(&self, class: &str, instance: &str) -> PathBuf {
+        self.inner.data_dir.join(class).join(instance)
+    }
+
+    fn options(&self) -> StartOptions {
+        let mut o = StartOptions::new(self.inner.transport.clone(), self.inner.addr.clone());
+        o.config = self.inner.db_config.clone();
+        o
+    }
+
+    async fn recover(&self) -> Result<(), EngineError> {
+        for class_entry in std::fs::read_dir(&self.inner.data_dir)? {
+            let class_dir = class_entry?.path();
+            let Some(class) = class_dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            if !class_dir.is_dir() {
+                continue;
+            }
+            for inst_entry in std::fs::read_dir(&class_dir)? {
+                let dir = inst_entry?.path();
+                let Some(instance) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                    continue;
+                };
+                match self.open_replica(&class, &instance, &dir).await {
+                    Ok(_) => tracing::info!(%class, %instance, "recovered replica"),
+                    Err(e) => tracing::error!(%class, %instance, cause = %e, "replica not started"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn open_replica(&self, class: &str, instance: &str, dir: &FsPath) -> Result<Db, EngineError> {
+        let factory = self
+            .inner
+            .factories
+            .get(class)
+            .ok_or_else(|| EngineError::UnknownClass(class.into()))?;
+        let db = Db::start(dir, self.options()).await?;
+        let host = Host::start(class, instance, db.clone(), factory.create(instance));
+        self.inner
+            .hosts
+            .write()
+            .expect("lock")
+            .insert((class.to_string(), instance.to_string()), host);
+        Ok(db)
+    }
+
+    /// The hosted replica of `class`/`instance`, if any.
+    pub fn host(&self, class: &str, instance: &str) -> Option<Arc<Host>> {
+        self.inner
+            .hosts
+            .read()
+            .expect("lock")
+            .get(&(class.to_string(), instance.to_string()))
+            .cloned()
+    }
+
+    /// Every hosted replica.
+    pub fn hosts(&self) -> Vec<Arc<Host>> {
+        self.inner.hosts.read().expect("lock").values().cloned().collect()
+    }
+
+    /// Creates and starts a replica here (DAOS `dist_start`). With a non-empty `bootstrap`
+    /// list, this replica also bootstraps the group (every other member must exist already).
+    /// Idempotent for the same database id.
+    pub async fn start_replica(
+        &self,
+        class: &str,
+        instance: &str,
+        db: DbId,
+        gen: u32,
+        bootstrap: Vec<Member>,
+    ) -> Result<Member, EngineError> {
+        if !valid_name(class) || !valid_name(instance) {
+            return Err(EngineError::Invalid(format!(
+                "bad class or instance name {class:?}/{instance:?}"
+            )));
+        }
+        if !self.inner.factories.contains_key(class) {
+            return Err(EngineError::UnknownClass(class.into()));
+        }
+        let dir = self.replica_dir(class, instance);
+        let member = match self.host(class, instance) {
+            Some(h) if h.db.ident().db == db => h.db.member(),
+            Some(_) => {
+                return Err(EngineError::Rdb(rdb::Error::Exists(format!(
+                    "another {class}/{instance} lives here"
+                ))))
+            }
+            None => {
+                Db::create(&dir, db, ReplicaId::new(self.inner.rank, gen), None)?;
+                self.open_replica(class, instance, &dir).await?.member()
+            }
+        };
+        if !bootstrap.is_empty() {
+            let host = self.host(class, instance).expect("just started");
+            match host.db.initialize(bootstrap).await {
+                Ok(()) | Err(rdb::Error::Exists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(member)
+    }
+
+    /// Stops a hosted replica and, with `destroy`, removes its files.
+    pub async fn stop_replica(&self, class: &str, instance: &str, destroy: bool) -> Result<(), EngineError> {
+        let host = self
+            .inner
+            .hosts
+            .write()
+            .expect("lock")
+            .remove(&(class.to_string(), instance.to_string()));
+        let Some(host) = host else {
+            return Err(EngineError::Rdb(rdb::Error::NotFound(format!(
+                "{class}/{instance}"
+            ))));
+        };
+        host.db.stop().await?;
+        if destroy {
+            Db::destroy(host.db.dir())?;
+        }
+        Ok(())
+    }
+
+    /// Stops the engine: every replica stops (a leader resigns first, so that a peer takes over
+    /// without waiting for an election timeout), then the listener closes.
+    pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let hosts: Vec<Arc<Host>> = self
+            .inner
+            .hosts
+            .write()
+            .expect("lock")
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        for h in &hosts {
+            if h.db.up_term().is_some() {
+                let _ = h.db.resign().await;
+            }
+        }
+        for h in hosts {
+            if let Err(e) = h.db.stop().await {
+                tracing::warn!(class = %h.class, instance = %h.instance, cause = %e, "stop failed");
+            }
+        }
+        let _ = self.inner.shutdown.send(true);
+        tracing::info!(rank = self.inner.rank, "engine stopped");
+    }
+
+    fn hint_of(&self, host: &Host) -> cpb::Hint {
+        let (leader, term) = host.db.hint();
+        let up = host.db.up_term();
+        let (rank, term) = match (up, leader) {
+            (Some(t), _) => (self.inner.rank, t),
+            (None, Some(l)) => (l.rank, term),
+            (None, None) => return cpb::Hint::default(),
+        };
+        let addr = host
+            .db
+            .members()
+            .into_iter()
+            .find(|m| m.replica.rank == rank)
+            .map(|m| m.addr)
+            .unwrap_or_default();
+        cpb::Hint {
+            valid: true,
+            rank,
+            term,
+            addr,
+        }
+    }
+
+    async fn call(&self, req: cpb::CallRequest) -> cpb::CallReply {
+        let err = |e: WireError, hint: Option<cpb::Hint>| cpb::CallReply {
+            hint,
+            result: Some(cpb::call_reply::Result::Error(cpb::WireError::from(&e))),
+        };
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return err(WireError::Shutdown, None);
+        }
+        if !self.inner.factories.contains_key(&req.class) {
+            return err(
+                WireError::Invalid(format!("unknown service class {:?}", req.class)),
+                None,
+            );
+        }
+        let Some(host) = self.host(&req.class, &req.instance) else {
+            return err(WireError::NotReplica, None);
+        };
+        let hint = Some(self.hint_of(&host));
+        let Some(adm) = host.admit() else {
+            let e = match host.state().0 {
+                State::UpEmpty => WireError::Busy,
+                _ => WireError::NotLeader,
+            };
+            return err(e, hint);
+        };
+        if req.probe {
+            return cpb::CallReply {
+                hint,
+                result: Some(cpb::call_reply::Result::Ok(vec![])),
+            };
+        }
+        let Ok(client_id) = <[u8; 16]>::try_from(req.client_id.as_slice()) else {
+            return err(WireError::Invalid("client_id must be 16 bytes".into()), hint);
+        };
+        tracing::debug!(class = %req.class, instance = %req.instance, seq = req.seq, "request");
+        match host.handle(&adm, client_id, req.seq, &req.payload).await {
+            Ok(Ok(b)) => cpb::CallReply {
+                hint,
+                result: Some(cpb::call_reply::Result::Ok(b)),
+            },
+            Ok(Err(service_error)) => err(WireError::Service(service_error), hint),
+            Err(e) => {
+                let hint = Some(self.hint_of(&host));
+                err(e, hint)
+            }
+        }
+    }
+}
+
+struct RsvcSvc(Engine);
+
+#[tonic::async_trait]
+impl cpb::rsvc_server::Rsvc for RsvcSvc {
+    async fn call(&self, req: Request<cpb::CallRequest>) -> Result<Response<cpb::CallReply>, Status> {
+        Ok(Response::new(self.0.call(req.into_inner()).await))
+    }
+}
+
+struct PeerSvc(Engine);
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerSvc {
+    async fn raft(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
+        let m = req.into_inner();
+        let refuse = |why: String| {
+            Ok(Response::new(pb::RaftReply {
+                result: Some(pb::raft_reply::Result::Refused(why)),
+            }))
+        };
+        if m.cluster != self.0.inner.cluster {
+            return refuse(format!(
+                "message for cluster {:?}, this is {:?}",
+                m.cluster, self.0.inner.cluster
+            ));
+        }
+        let rpc = match wire::rpc_from(m) {
+            Ok(r) => r,
+            Err(e) => return refuse(format!("malformed: {e}")),
+        };
+        let host = self.0.hosts().into_iter().find(|h| h.db.ident().db == rpc.db);
+        let Some(host) = host else {
+            return refuse(format!("no replica of db {} here", rpc.db));
+        };
+        match host.db.handle_rpc(rpc).await {
+            Ok(b) => Ok(Response::new(pb::RaftReply {
+                result: Some(pb::raft_reply::Result::Ok(b)),
+            })),
+            Err(r) => refuse(r.to_string()),
+        }
+    }
+
+    async fn start_replica(
+        &self,
+        req: Request<pb::StartReplicaRequest>,
+    ) -> Result<Response<pb::StartReplicaReply>, Status> {
+        let r = req.into_inner();
+        if r.cluster != self.0.inner.cluster {
+            return Err(Status::permission_denied("wrong cluster"));
+        }
+        let db = wire::db_from(&r.db).map_err(Status::invalid_argument)?;
+        let members: Result<Vec<Member>, String> = r.bootstrap.iter().map(wire::member_from).collect();
+        let members = members.map_err(Status::invalid_argument)?;
+        match self
+            .0
+            .start_replica(&r.class, &r.instance, db, r.gen, members)
+            .await
+        {
+            Ok(m) => Ok(Response::new(pb::StartReplicaReply {
+                member: Some(wire::member_to(&m)),
+            })),
+            Err(EngineError::UnknownClass(c)) => Err(Status::not_found(format!("unknown class {c}"))),
+            Err(EngineError::Invalid(m)) => Err(Status::invalid_argument(m)),
+            Err(EngineError::Rdb(rdb::Error::Exists(m))) => Err(Status::already_exists(m)),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    async fn stop_replica(
+        &self,
+        req: Request<pb::StopReplicaRequest>,
+    ) -> Result<Response<pb::StopReplicaReply>, Status> {
+        let r = req.into_inner();
+        if r.cluster != self.0.inner.cluster {
+            return Err(Status::permission_denied("wrong cluster"));
+        }
+        match self.0.stop_replica(&r.class, &r.instance, r.destroy).await {
+            Ok(()) => Ok(Response::new(pb::StopReplicaReply {})),
+            Err(EngineError::Rdb(rdb::Error::NotFound(m))) => Err(Status::not_found(m)),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+/// The `ServiceApi` class name of `S`, for callers that hold a type.
+pub fn class_of<S: ServiceApi>() -> &'static str {
+    S::CLASS
+}

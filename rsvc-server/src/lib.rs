@@ -1,0 +1,41 @@
+//! # rsvc-server: the engine that hosts replicated services
+//!
+//! An engine is one process with a rank, a listen address and a data directory. It hosts many
+//! replicas, keyed by (service class, instance id); each replica is an rdb database (its own
+//! raft group) with one subdirectory of the data directory. One gRPC listener carries everything:
+//! client calls (`rsvc.v1.Rsvc`, owned by rsvc-client), raft traffic between engines and replica
+//! lifecycle (`rsvc.peer.v1.Peer`).
+//!
+//! ## SERVICES
+//!
+//! A service author implements [`ReplicatedService`]: typed requests and responses (postcard on
+//! the wire), `bootstrap` for a new database, `step_up`/`drain`/`step_down` hooks, and `handle`.
+//! The engine drives each replica through Down, SteppingUp, Up (or UpEmpty) and SteppingDown
+//! from rdb's leadership events, which are proven and strictly alternating. It admits requests
+//! only in Up. Every reply carries a leader hint, the leader's replies included, and an engine
+//! with no replica of the instance answers `NotReplica`.
+//!
+//! ## EXACTLY-ONCE
+//!
+//! A mutating request runs in one rdb transaction together with its (client id, sequence) →
+//! result record. A retry after a failover therefore finds the first result instead of applying
+//! twice (DAOS svc_ops). See [`host`].
+//!
+//! ## CAVEATS
+//!
+//! - Graceful stop resigns leadership before stopping, which still costs about one election
+//!   timeout (openraft 0.9 has no leadership transfer).
+//! - Exactly-once keeps one record per client (its latest mutating request), so it assumes one
+//!   mutating call in flight per client.
+
+pub mod counter;
+pub mod engine;
+pub mod host;
+pub mod service;
+pub mod transport;
+pub mod wire;
+
+pub use engine::{Engine, EngineConfig, EngineError};
+pub use host::State;
+pub use service::{Ctx, FnFactory, ReplicatedService, ServiceFactory, StepUp};
+pub use transport::GrpcTransport;

@@ -1,0 +1,73 @@
+//! rdb's [`Transport`] over gRPC: raft messages travel as `Peer.Raft` calls on one reused
+//! HTTP/2 connection per peer engine.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdb::{RaftRpc, Transport, TransportError};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::wire::{self, pb};
+
+/// Largest raft message (a snapshot chunk plus framing).
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Connections to peer engines.
+pub struct GrpcTransport {
+    cluster: String,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl GrpcTransport {
+    /// A transport for engines of `cluster`.
+    pub fn new(cluster: impl Into<String>) -> Self {
+        GrpcTransport {
+            cluster: cluster.into(),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn peer(&self, addr: &str) -> Result<pb::peer_client::PeerClient<Channel>, String> {
+        let mut m = self.channels.lock().expect("lock");
+        let ch = match m.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| format!("bad peer address {addr}: {e}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                m.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(pb::peer_client::PeerClient::new(ch)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES))
+    }
+}
+
+#[async_trait]
+impl Transport for GrpcTransport {
+    async fn call(&self, addr: &str, rpc: RaftRpc, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+        let mut client = self.peer(addr).map_err(TransportError::Unreachable)?;
+        let mut req = tonic::Request::new(wire::rpc_to(&self.cluster, rpc));
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.raft(req)).await {
+            Err(_) => Err(TransportError::Timeout),
+            Ok(Err(status)) => Err(TransportError::Unreachable(format!(
+                "{addr}: {}",
+                status.message()
+            ))),
+            Ok(Ok(reply)) => match reply.into_inner().result {
+                Some(pb::raft_reply::Result::Ok(b)) => Ok(b),
+                Some(pb::raft_reply::Result::Refused(why)) => {
+                    Err(TransportError::Unreachable(format!("{addr} refused: {why}")))
+                }
+                None => Err(TransportError::Unreachable(format!("{addr}: empty reply"))),
+            },
+        }
+    }
+}
