@@ -31,6 +31,7 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod leader;
+pub mod mgmt;
 pub mod wire;
 
 pub use api::ServiceApi;

@@ -18,6 +18,9 @@ use crate::service::ServiceFactory;
 use crate::transport::{GrpcTransport, MAX_RAFT_MESSAGE_BYTES};
 use crate::wire::{self, pb};
 
+/// Pause between attempts to join the system.
+const JOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What an engine needs to run.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -33,6 +36,11 @@ pub struct EngineConfig {
     pub cluster: String,
     /// rdb tunables for every hosted replica.
     pub db: DbConfig,
+    /// The access points: engines hosting the management service, as `(rank, address)`. An
+    /// empty address stands for this engine's own. An engine whose rank is listed is an access
+    /// point; the lowest-ranked one bootstraps the management service on first start. Every
+    /// engine joins the system through them. Empty: no management service (standalone).
+    pub access_points: Vec<(u32, String)>,
 }
 
 /// Why an engine call failed.
@@ -90,13 +98,25 @@ impl Engine {
         let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
         std::fs::create_dir_all(&cfg.data_dir)?;
         let (shutdown, _) = watch::channel(false);
+        let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone()));
+        let access_points: Vec<(u32, String)> = cfg
+            .access_points
+            .iter()
+            .map(|(r, a)| (*r, if a.is_empty() { addr.clone() } else { a.clone() }))
+            .collect();
+        let is_ap = access_points.iter().any(|(r, _)| *r == cfg.rank);
+        let mut factories = factories;
+        if is_ap {
+            let mgmt = crate::mgmt::Mgmt::new(transport.clone(), cfg.cluster.clone());
+            factories.push(Arc::new(crate::service::OnceFactory::new(mgmt)));
+        }
         let inner = Arc::new(Inner {
             rank: cfg.rank,
             addr,
             cluster: cfg.cluster.clone(),
             data_dir: cfg.data_dir.clone(),
             db_config: cfg.db.clone(),
-            transport: Arc::new(GrpcTransport::new(cfg.cluster.clone())),
+            transport,
             factories: factories
                 .into_iter()
                 .map(|f| (f.class().to_string(), f))
@@ -130,7 +150,56 @@ impl Engine {
             }
         });
         tracing::info!(rank = engine.inner.rank, addr = %engine.inner.addr, "engine serving");
+        if !access_points.is_empty() {
+            let e = engine.clone();
+            tokio::spawn(async move { e.join_system(access_points, is_ap).await });
+        }
         Ok(engine)
+    }
+
+    /// Bootstraps the management service if this is the first access point, then joins the
+    /// system through the access points, retrying until it succeeds or the engine stops.
+    async fn join_system(&self, access_points: Vec<(u32, String)>, is_ap: bool) {
+        use rsvc_client::mgmt::{mgmt_client, MgmtRequest, MGMT_CLASS, MGMT_INSTANCE};
+        let first_ap = access_points.iter().map(|(r, _)| *r).min();
+        if is_ap && first_ap == Some(self.inner.rank) && self.host(MGMT_CLASS, MGMT_INSTANCE).is_none() {
+            let db = DbId::random();
+            let res = async {
+                let me = self
+                    .start_replica(MGMT_CLASS, MGMT_INSTANCE, db, 1, vec![])
+                    .await?;
+                self.start_replica(MGMT_CLASS, MGMT_INSTANCE, db, 1, vec![me])
+                    .await
+            }
+            .await;
+            match res {
+                Ok(_) => tracing::info!(rank = self.inner.rank, "bootstrapped the management service"),
+                Err(e) => tracing::error!(cause = %e, "could not bootstrap the management service"),
+            }
+        }
+        let cfg = rsvc_client::ClientConfig {
+            deadline: std::time::Duration::from_secs(5),
+            ..Default::default()
+        };
+        let client = mgmt_client(access_points, rsvc_client::Connections::default(), cfg);
+        let req = MgmtRequest::Join {
+            rank: self.inner.rank,
+            addr: self.inner.addr.clone(),
+            access_point: is_ap,
+        };
+        let mut stop = self.inner.shutdown.subscribe();
+        loop {
+            match client.call(&req).await {
+                Ok(_) => {
+                    tracing::info!(rank = self.inner.rank, "joined the system");
+                    return;
+                }
+                Err(e) => tracing::warn!(rank = self.inner.rank, cause = %e, "join failed; retrying"),
+            }
+            if *stop.borrow() || tokio::time::timeout(JOIN_RETRY, stop.changed()).await.is_ok() {
+                return;
+            }
+        }
     }
 
     /// This engine's rank.

@@ -31,11 +31,12 @@
 pub mod counter;
 pub mod engine;
 pub mod host;
+pub mod mgmt;
 pub mod service;
 pub mod transport;
 pub mod wire;
 
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use host::State;
-pub use service::{Ctx, FnFactory, ReplicatedService, ServiceFactory, StepUp};
+pub use service::{Ctx, FnFactory, OnceFactory, ReplicatedService, ServiceFactory, StepUp};
 pub use transport::GrpcTransport;

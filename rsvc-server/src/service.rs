@@ -101,3 +101,23 @@ where
         std::sync::Arc::new(crate::host::Adapter((self.0)(instance)))
     }
 }
+
+/// A [`ServiceFactory`] that hands every replica the same shared service value (for services
+/// that are instantiated once per engine, like the management service).
+pub struct OnceFactory<S>(std::sync::Arc<crate::host::Adapter<S>>);
+
+impl<S: ReplicatedService> OnceFactory<S> {
+    /// Shares `svc` among all replicas of its class on this engine.
+    pub fn new(svc: S) -> Self {
+        OnceFactory(std::sync::Arc::new(crate::host::Adapter(svc)))
+    }
+}
+
+impl<S: ReplicatedService> ServiceFactory for OnceFactory<S> {
+    fn class(&self) -> &'static str {
+        <S::Api as ServiceApi>::CLASS
+    }
+    fn create(&self, _instance: &str) -> std::sync::Arc<dyn crate::host::ErasedService> {
+        self.0.clone()
+    }
+}

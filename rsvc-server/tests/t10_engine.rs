@@ -51,6 +51,7 @@ impl System {
             data_dir: tmp.path().join(format!("engine{rank}")),
             cluster: "test".into(),
             db: DbConfig::fast(),
+            access_points: vec![],
         };
         Engine::start(cfg, factories()).await.unwrap()
     }

@@ -1,0 +1,169 @@
+//! The management service's typed API, and a [`Locator`] that asks it where instances live.
+//!
+//! The management service (class `mgmt`, instance `system`) runs on the access-point engines.
+//! It keeps the system map (rank → address, state) and the directory of service instances
+//! (class, label → replica ranks). Clients start from the access-point addresses only.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::ServiceApi;
+use crate::client::{ClientConfig, Connections, Locator, Replicas, RsvcClient, StaticLocator};
+
+/// The management service's class.
+pub const MGMT_CLASS: &str = "mgmt";
+/// Its one instance.
+pub const MGMT_INSTANCE: &str = "system";
+
+/// An engine as the system map records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankInfo {
+    /// The engine's rank.
+    pub rank: u32,
+    /// Where it listens.
+    pub addr: String,
+    /// Whether it is taking part.
+    pub state: RankState,
+}
+
+/// The state of an engine in the system map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankState {
+    /// Joined and eligible for new replicas.
+    Up,
+    /// Excluded by an operator; gets no new replicas.
+    Excluded,
+}
+
+/// A service instance as the directory records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Service class.
+    pub class: String,
+    /// The instance's label, which is also its id.
+    pub label: String,
+    /// Its rdb database id.
+    pub db: u128,
+    /// Replica ranks and their addresses.
+    pub replicas: Vec<(u32, String)>,
+}
+
+/// Requests to the management service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum MgmtRequest {
+    /// An engine announces itself (idempotent; a new address replaces the old one). An access
+    /// point also gets a replica of the management service.
+    Join {
+        rank: u32,
+        addr: String,
+        access_point: bool,
+    },
+    /// The system map.
+    SystemMap,
+    /// Creates an instance with `replicas` replicas on distinct engines.
+    CreateInstance {
+        class: String,
+        label: String,
+        replicas: u32,
+    },
+    /// Stops and destroys every replica of an instance and forgets it.
+    DestroyInstance { class: String, label: String },
+    /// Where an instance lives.
+    Locate { class: String, label: String },
+    /// Every instance, optionally of one class.
+    ListInstances { class: Option<String> },
+}
+
+/// Answers of the management service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MgmtResponse {
+    /// Done.
+    Ok,
+    /// The system map.
+    Map(Vec<RankInfo>),
+    /// One instance.
+    Instance(InstanceInfo),
+    /// Several instances.
+    Instances(Vec<InstanceInfo>),
+}
+
+/// Errors of the management service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MgmtError {
+    /// No such instance.
+    #[error("no instance {0}")]
+    NotFound(String),
+    /// The instance exists already.
+    #[error("instance {0} exists")]
+    Exists(String),
+    /// Fewer eligible engines than replicas asked for.
+    #[error("{want} replicas wanted but only {have} engines are up")]
+    NotEnoughRanks { want: u32, have: u32 },
+    /// Starting replicas failed; the ones that started were destroyed again.
+    #[error("could not start replicas: {0}")]
+    StartFailed(String),
+    /// A bad argument.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// Storage trouble.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+/// The management service's typed face.
+pub struct MgmtApi;
+
+impl ServiceApi for MgmtApi {
+    const CLASS: &'static str = MGMT_CLASS;
+    type Request = MgmtRequest;
+    type Response = MgmtResponse;
+    type Error = MgmtError;
+
+    fn is_mutating(req: &MgmtRequest) -> bool {
+        matches!(
+            req,
+            MgmtRequest::Join { .. }
+                | MgmtRequest::CreateInstance { .. }
+                | MgmtRequest::DestroyInstance { .. }
+        )
+    }
+}
+
+/// A client of the management service, starting from the access points.
+pub fn mgmt_client(access_points: Replicas, conns: Connections, cfg: ClientConfig) -> RsvcClient<MgmtApi> {
+    RsvcClient::new(MGMT_INSTANCE, Arc::new(StaticLocator(access_points)), conns, cfg)
+}
+
+/// Finds instances through the management service.
+pub struct MgmtLocator {
+    client: RsvcClient<MgmtApi>,
+}
+
+impl MgmtLocator {
+    /// A locator asking the management service on `access_points`.
+    pub fn new(access_points: Replicas, conns: Connections) -> Self {
+        let cfg = ClientConfig {
+            deadline: std::time::Duration::from_secs(10),
+            ..ClientConfig::default()
+        };
+        MgmtLocator {
+            client: mgmt_client(access_points, conns, cfg),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Locator for MgmtLocator {
+    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, String> {
+        let req = MgmtRequest::Locate {
+            class: class.to_string(),
+            label: instance.to_string(),
+        };
+        match self.client.call(&req).await {
+            Ok(MgmtResponse::Instance(i)) => Ok(i.replicas),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
