@@ -136,6 +136,8 @@ pub(crate) struct Inner {
     /// Until when the watcher must not step up (set by `resign`).
     resign_until: Arc<Mutex<Option<Instant>>>,
     commits: AtomicU64,
+    /// For messages rdb sends outside openraft (leadership transfer).
+    transport: Arc<dyn Transport>,
 }
 
 /// One replica of a replicated database. Cheap to clone.
@@ -227,6 +229,7 @@ impl Db {
             tasks: Mutex::new(Vec::new()),
             resign_until: resign_until.clone(),
             commits: AtomicU64::new(0),
+            transport: opts.transport.clone(),
         });
         let watcher = tokio::spawn(watch_leadership(
             raft.clone(),
@@ -543,6 +546,119 @@ impl Db {
             .map_err(|_| Error::Timeout("resign: still serving as leader".into()))
     }
 
+    /// Hands leadership to `to`, a voter, without waiting for an election timeout where the
+    /// group allows it.
+    ///
+    /// openraft 0.9 has no transfer, so rdb builds one from Raft's TimeoutNow idea. This
+    /// replica stops serving and sending heartbeats, waits until `to` has every entry, then tells
+    /// it to campaign at once. A follower refuses votes for `election_timeout_max` after it last
+    /// heard from the leader, but a leader that has led that long has no such lease on itself,
+    /// so it grants the vote. In a 3-replica group that is a majority: the handover takes one
+    /// round trip. In larger groups, or if this leader was elected less than
+    /// `election_timeout_max` ago, the other voters grant once their leases run out. That is
+    /// still sooner than an election timeout after a crash.
+    pub async fn transfer_leadership(&self, to: ReplicaId, timeout: Duration) -> Result<()> {
+        let Some(target) = self.members().into_iter().find(|m| m.replica == to) else {
+            return Err(Error::NotFound(format!("replica {to} is not a member")));
+        };
+        if to == self.inner.ident.replica {
+            return Err(Error::Invalid("cannot transfer leadership to oneself".into()));
+        }
+        if self.up_term().is_none() {
+            return Err(self.not_leader());
+        }
+        let deadline = Instant::now() + timeout;
+        *self.inner.resign_until.lock().expect("lock") = Some(deadline);
+        let mut m = self.inner.raft.metrics();
+        // Wait for the target to hold every entry.
+        // A target that is down or far behind is not worth waiting for long.
+        let catch_up = timeout.min(self.inner.config.election_timeout.1 * 2);
+        let caught_up = tokio::time::timeout(catch_up, async {
+            loop {
+                let ok = {
+                    let mm = m.borrow_and_update();
+                    let last = mm.last_log_index;
+                    mm.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&to.node_id()).cloned())
+                        .flatten()
+                        .is_some_and(|l| Some(l.index) >= last)
+                };
+                if ok {
+                    return true;
+                }
+                if m.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !caught_up {
+            *self.inner.resign_until.lock().expect("lock") = None;
+            return Err(Error::Timeout(format!("replica {to} did not catch up")));
+        }
+        let rpc = RaftRpc {
+            db: self.inner.ident.db,
+            from: self.inner.ident.replica,
+            to,
+            to_storage_id: target.storage_id,
+            kind: RpcKind::TimeoutNow,
+            payload: Vec::new(),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = self
+            .inner
+            .transport
+            .call(&target.addr, rpc, remaining.min(self.inner.config.rpc_timeout))
+            .await
+        {
+            *self.inner.resign_until.lock().expect("lock") = None;
+            return Err(Error::Timeout(format!(
+                "transfer: replica {to} could not be told to campaign: {e}"
+            )));
+        }
+        // Done when someone else leads.
+        let me = self.inner.ident.replica.node_id();
+        let moved = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), async {
+            loop {
+                if m.borrow_and_update().current_leader.is_some_and(|l| l != me) {
+                    return true;
+                }
+                if m.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if moved {
+            tracing::info!(from = %self.inner.ident.replica, to = %to, "leadership transferred");
+            Ok(())
+        } else {
+            Err(Error::Timeout("leadership did not move".into()))
+        }
+    }
+
+    /// The voter that would take over leadership soonest: the most caught-up one. `None` if
+    /// this replica does not lead or is the only voter.
+    pub fn transfer_target(&self) -> Option<ReplicaId> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        let me = self.inner.ident.replica.node_id();
+        let voters: Vec<u64> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|&v| v != me)
+            .collect();
+        let repl = m.replication.as_ref()?;
+        voters
+            .into_iter()
+            .max_by_key(|v| repl.get(v).cloned().flatten().map(|l| l.index))
+            .map(ReplicaId::from_node_id)
+    }
+
     /// Starts an election now.
     pub async fn campaign(&self) -> Result<()> {
         *self.inner.resign_until.lock().expect("lock") = None;
@@ -652,6 +768,11 @@ impl Db {
             RpcKind::Snapshot => {
                 let chunk: crate::network::SnapshotChunk = codec::decode(&rpc.payload).map_err(bad)?;
                 codec::encode(&raft.install_snapshot(chunk.into()).await)
+            }
+            RpcKind::TimeoutNow => {
+                tracing::info!(replica = %me.replica, from = %rpc.from, "asked to take over leadership");
+                *self.inner.resign_until.lock().expect("lock") = None;
+                codec::encode(&raft.trigger().elect().await.map_err(|e| e.to_string()))
             }
         };
         reply.map_err(|e| Refusal::Malformed(e.to_string()))

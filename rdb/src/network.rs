@@ -32,6 +32,8 @@ pub enum RpcKind {
     Vote,
     /// One chunk of a snapshot.
     Snapshot,
+    /// Leadership transfer: the leader asks a caught-up follower to campaign now.
+    TimeoutNow,
 }
 
 /// A raft message from one replica to another of the same database.

@@ -277,3 +277,41 @@ async fn leadership_events_alternate_through_failovers() {
         "expected at least five step-ups over four leader changes, saw {ups}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_transfer_skips_the_election_timeout() {
+    let c = Cluster::new(3, cfg()).await;
+    for i in 0..20 {
+        c.put(&format!("k{i}"), "v").await;
+    }
+    // A leader that has led for longer than its lease can hand over at once.
+    let (l, term) = c.leader().await;
+    let lease = cfg().election_timeout.1;
+    let since = std::time::Instant::now();
+    wait_for(DEADLINE, "the leader outlives its lease", || async {
+        (since.elapsed() > lease).then_some(())
+    })
+    .await;
+    let target = (0..3).find(|&i| i != l).unwrap();
+    let to = c.nodes[target].replica;
+    let t = std::time::Instant::now();
+    c.db(l).transfer_leadership(to, DEADLINE).await.unwrap();
+    let (nl, nterm) = c.leader().await;
+    let gap = t.elapsed();
+    assert_eq!(nl, target, "the chosen replica leads");
+    assert!(nterm > term);
+    eprintln!(
+        "leadership transfer {} -> {}: {gap:?} (election timeout is {:?}..{:?})",
+        c.nodes[l].replica,
+        to,
+        cfg().election_timeout.0,
+        cfg().election_timeout.1
+    );
+    c.put("after-transfer", "v").await;
+    assert_eq!(c.get("k7").await.as_deref(), Some("v"));
+    assert!(matches!(
+        c.db(nl).transfer_leadership(c.nodes[nl].replica, DEADLINE).await,
+        Err(Error::Invalid(_))
+    ));
+    c.shutdown().await;
+}

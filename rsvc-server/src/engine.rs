@@ -18,6 +18,9 @@ use crate::service::ServiceFactory;
 use crate::transport::{GrpcTransport, MAX_RAFT_MESSAGE_BYTES};
 use crate::wire::{self, pb};
 
+/// How long a stopping engine tries to hand over one instance's leadership.
+const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Pause between attempts to join the system.
 const JOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -338,10 +341,30 @@ impl Engine {
         Ok(())
     }
 
-    /// Stops the engine: every replica stops (a leader resigns first, so that a peer takes over
-    /// without waiting for an election timeout), then the listener closes.
+    /// Stops the engine: every led instance is handed to a caught-up peer (or, failing that,
+    /// resigned), every replica stops, then the listener closes.
     pub async fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        // NB: hosts stay registered during the handover: the new leader must still reach this
+        // replica to tell it that leadership moved.
+        let hosts: Vec<Arc<Host>> = self.hosts();
+        // Hand every led instance to a caught-up peer first, so that clients see a leader
+        // change within a round trip rather than an election timeout.
+        let handovers = hosts.iter().filter(|h| h.db.up_term().is_some()).map(|h| async move {
+            let t = std::time::Instant::now();
+            let res = match h.db.transfer_target() {
+                Some(to) => h.db.transfer_leadership(to, TRANSFER_TIMEOUT).await,
+                None => Err(rdb::Error::NotFound("no other voter".into())),
+            };
+            match res {
+                Ok(()) => tracing::info!(class = %h.class, instance = %h.instance, elapsed_ms = t.elapsed().as_millis() as u64, "handed over leadership"),
+                Err(e) => {
+                    tracing::warn!(class = %h.class, instance = %h.instance, cause = %e, "handover failed; resigning");
+                    let _ = h.db.resign().await;
+                }
+            }
+        });
+        futures::future::join_all(handovers).await;
         let hosts: Vec<Arc<Host>> = self
             .inner
             .hosts
@@ -350,11 +373,6 @@ impl Engine {
             .drain()
             .map(|(_, h)| h)
             .collect();
-        for h in &hosts {
-            if h.db.up_term().is_some() {
-                let _ = h.db.resign().await;
-            }
-        }
         for h in hosts {
             if let Err(e) = h.db.stop().await {
                 tracing::warn!(class = %h.class, instance = %h.instance, cause = %e, "stop failed");

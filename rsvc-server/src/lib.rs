@@ -23,8 +23,9 @@
 //!
 //! ## CAVEATS
 //!
-//! - Graceful stop resigns leadership before stopping, which still costs about one election
-//!   timeout (openraft 0.9 has no leadership transfer).
+//! - Graceful stop hands each led instance to its most caught-up voter (rdb's TimeoutNow
+//!   transfer). That is one round trip in a 3-replica group whose leader has led longer than its
+//!   lease. Larger groups wait for the followers' leases (at most `election_timeout_max`).
 //! - Exactly-once keeps one record per client (its latest mutating request), so it assumes one
 //!   mutating call in flight per client.
 

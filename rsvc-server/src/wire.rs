@@ -54,6 +54,7 @@ pub(crate) fn rpc_to(cluster: &str, rpc: RaftRpc) -> pb::RaftMessage {
             RpcKind::Append => 0,
             RpcKind::Vote => 1,
             RpcKind::Snapshot => 2,
+            RpcKind::TimeoutNow => 3,
         },
         payload: rpc.payload,
     }
@@ -69,6 +70,7 @@ pub(crate) fn rpc_from(m: pb::RaftMessage) -> Result<RaftRpc, String> {
             0 => RpcKind::Append,
             1 => RpcKind::Vote,
             2 => RpcKind::Snapshot,
+            3 => RpcKind::TimeoutNow,
             k => return Err(format!("unknown raft message kind {k}")),
         },
         payload: m.payload,
