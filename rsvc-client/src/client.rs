@@ -30,7 +30,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             deadline: Duration::from_secs(30),
-            rpc_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
         }

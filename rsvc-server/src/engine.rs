@@ -424,6 +424,7 @@ impl Engine {
         };
         let hint = Some(self.hint_of(&host));
         let Some(adm) = host.admit() else {
+            host.stats.not_leader.fetch_add(1, Ordering::Relaxed);
             let e = match host.state().0 {
                 State::UpEmpty => WireError::Busy,
                 _ => WireError::NotLeader,
@@ -440,7 +441,18 @@ impl Engine {
             return err(WireError::Invalid("client_id must be 16 bytes".into()), hint);
         };
         tracing::debug!(class = %req.class, instance = %req.instance, seq = req.seq, "request");
-        match host.handle(&adm, client_id, req.seq, &req.payload).await {
+        let t = std::time::Instant::now();
+        let res = host.handle(&adm, client_id, req.seq, &req.payload).await;
+        host.stats
+            .latency_us_sum
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let counter = if res.is_ok() {
+            &host.stats.ok
+        } else {
+            &host.stats.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match res {
             Ok(Ok(b)) => cpb::CallReply {
                 hint,
                 result: Some(cpb::call_reply::Result::Ok(b)),

@@ -136,6 +136,21 @@ pub struct Host {
     state: Mutex<(State, u64)>,
     inflight: AtomicUsize,
     idle: Notify,
+    /// Request counters, for metrics.
+    pub stats: HostStats,
+}
+
+/// Request counters of one hosted replica.
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// Requests handled as leader that succeeded (service errors included).
+    pub ok: std::sync::atomic::AtomicU64,
+    /// Requests that failed with a framework error.
+    pub failed: std::sync::atomic::AtomicU64,
+    /// Requests refused because this replica does not serve as leader.
+    pub not_leader: std::sync::atomic::AtomicU64,
+    /// Sum of handling latencies, in microseconds.
+    pub latency_us_sum: std::sync::atomic::AtomicU64,
 }
 
 /// Holds a request's admission; dropping it lets a pending step-down proceed.
@@ -179,6 +194,7 @@ impl Host {
             state: Mutex::new((State::Down, 0)),
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
+            stats: HostStats::default(),
         });
         if let Some(mut events) = db.take_events() {
             let h = host.clone();

@@ -29,9 +29,11 @@
 //! - Exactly-once keeps one record per client (its latest mutating request), so it assumes one
 //!   mutating call in flight per client.
 
+pub mod config;
 pub mod counter;
 pub mod engine;
 pub mod host;
+pub mod metrics;
 pub mod mgmt;
 pub mod service;
 pub mod transport;

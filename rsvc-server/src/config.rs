@@ -1,0 +1,191 @@
+//! Engine configuration: a TOML file, overridden by command-line flags, with every default in
+//! [`FileConfig::default`].
+//!
+//! ```toml
+//! rank = 1
+//! listen = "0.0.0.0:7001"
+//! advertise = "host1:7001"          # what peers and clients dial; default: the bound address
+//! data_dir = "/var/lib/rsvc"
+//! cluster = "rsvc"
+//! access_points = ["1@host1:7001", "2@host2:7001", "3@host3:7001"]
+//! metrics_listen = "0.0.0.0:9101"   # Prometheus text at /metrics; omit to disable
+//!
+//! [raft]
+//! heartbeat_ms = 100
+//! election_timeout_min_ms = 1000
+//! election_timeout_max_ms = 2000
+//! snapshot_every_entries = 10000
+//! no_append_free_bytes = 4194304
+//! critical_free_bytes = 16384
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rdb::DbConfig;
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+
+/// rdb tunables as the file spells them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Election timeout, lower bound.
+    pub election_timeout_min_ms: u64,
+    /// Election timeout, upper bound.
+    pub election_timeout_max_ms: u64,
+    /// Snapshot (and purge the log) every this many entries.
+    pub snapshot_every_entries: u64,
+    /// Refuse ordinary transactions below this much free space.
+    pub no_append_free_bytes: u64,
+    /// Refuse even critical transactions below this much free space.
+    pub critical_free_bytes: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        let d = DbConfig::default();
+        RaftSection {
+            heartbeat_ms: d.heartbeat.as_millis() as u64,
+            election_timeout_min_ms: d.election_timeout.0.as_millis() as u64,
+            election_timeout_max_ms: d.election_timeout.1.as_millis() as u64,
+            snapshot_every_entries: d.snapshot_every_entries,
+            no_append_free_bytes: d.no_append_free_bytes,
+            critical_free_bytes: d.critical_free_bytes,
+        }
+    }
+}
+
+/// The engine's configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// This engine's rank (required: there is no sensible default).
+    pub rank: Option<u32>,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Advertised address.
+    pub advertise: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// System name.
+    pub cluster: String,
+    /// `rank@host:port` of every access point.
+    pub access_points: Vec<String>,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// rdb tunables.
+    pub raft: RaftSection,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            rank: None,
+            listen: "127.0.0.1:7001".parse().expect("literal"),
+            advertise: None,
+            data_dir: PathBuf::from("./rsvc-data"),
+            cluster: "rsvc".into(),
+            access_points: Vec::new(),
+            metrics_listen: None,
+            raft: RaftSection::default(),
+        }
+    }
+}
+
+/// Parses `rank@host:port`.
+pub fn parse_access_point(s: &str) -> Result<(u32, String), String> {
+    let (rank, addr) = s
+        .split_once('@')
+        .ok_or_else(|| format!("access point {s:?} is not rank@host:port"))?;
+    let rank: u32 = rank
+        .parse()
+        .map_err(|_| format!("access point {s:?}: {rank:?} is not a rank"))?;
+    if addr.is_empty() || !addr.contains(':') {
+        return Err(format!("access point {s:?}: {addr:?} is not host:port"));
+    }
+    Ok((rank, addr.to_string()))
+}
+
+impl FileConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks the values and builds the engine's configuration.
+    pub fn engine_config(&self) -> Result<EngineConfig, String> {
+        let rank = self.rank.ok_or("rank is required (in the file or as --rank)")?;
+        let r = &self.raft;
+        let db = DbConfig {
+            heartbeat: Duration::from_millis(r.heartbeat_ms),
+            election_timeout: (
+                Duration::from_millis(r.election_timeout_min_ms),
+                Duration::from_millis(r.election_timeout_max_ms),
+            ),
+            quorum_timeout: Duration::from_millis(r.election_timeout_min_ms),
+            snapshot_every_entries: r.snapshot_every_entries,
+            no_append_free_bytes: r.no_append_free_bytes,
+            critical_free_bytes: r.critical_free_bytes,
+            ..DbConfig::default()
+        };
+        let access_points: Result<Vec<_>, _> =
+            self.access_points.iter().map(|s| parse_access_point(s)).collect();
+        if self.cluster.is_empty() {
+            return Err("cluster name must not be empty".into());
+        }
+        Ok(EngineConfig {
+            rank,
+            listen: self.listen,
+            advertise: self.advertise.clone(),
+            data_dir: self.data_dir.clone(),
+            cluster: self.cluster.clone(),
+            db,
+            access_points: access_points?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_round_trip_and_errors() {
+        let c: FileConfig = toml::from_str(
+            r#"
+            rank = 3
+            listen = "127.0.0.1:0"
+            access_points = ["1@a:1", "2@b:2"]
+            [raft]
+            heartbeat_ms = 50
+            "#,
+        )
+        .unwrap();
+        let e = c.engine_config().unwrap();
+        assert_eq!(e.rank, 3);
+        assert_eq!(
+            e.access_points,
+            vec![(1, "a:1".to_string()), (2, "b:2".to_string())]
+        );
+        assert_eq!(e.db.heartbeat, Duration::from_millis(50));
+        assert_eq!(e.db.election_timeout.1, DbConfig::default().election_timeout.1);
+
+        assert!(
+            toml::from_str::<FileConfig>("rank = 1\nbogus = 2").is_err(),
+            "unknown keys are errors"
+        );
+        assert!(FileConfig::default()
+            .engine_config()
+            .unwrap_err()
+            .contains("rank is required"));
+        assert!(parse_access_point("x@a:1").is_err());
+        assert!(parse_access_point("1-a:1").is_err());
+        assert!(parse_access_point("1@nohostport").is_err());
+    }
+}
