@@ -47,6 +47,9 @@ pub struct InstanceInfo {
     pub db: u128,
     /// Replica ranks and their addresses.
     pub replicas: Vec<(u32, String)>,
+    /// The generation of the newest replica ever created on each rank: a replica re-created
+    /// on a rank (e.g. after its disk was wiped) gets the next one, never an old identity.
+    pub gens: Vec<(u32, u32)>,
 }
 
 /// Requests to the management service.
@@ -69,6 +72,10 @@ pub enum MgmtRequest {
     },
     /// Stops and destroys every replica of an instance and forgets it.
     DestroyInstance { class: String, label: String },
+    /// Adds a replica on `rank` (learner, then voter), under a new generation.
+    AddReplica { class: String, label: String, rank: u32 },
+    /// Removes the replica on `rank` from the group and destroys it if its engine answers.
+    RemoveReplica { class: String, label: String, rank: u32 },
     /// Where an instance lives.
     Locate { class: String, label: String },
     /// Every instance, optionally of one class.
@@ -126,6 +133,8 @@ impl ServiceApi for MgmtApi {
             MgmtRequest::Join { .. }
                 | MgmtRequest::CreateInstance { .. }
                 | MgmtRequest::DestroyInstance { .. }
+                | MgmtRequest::AddReplica { .. }
+                | MgmtRequest::RemoveReplica { .. }
         )
     }
 }

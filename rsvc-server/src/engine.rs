@@ -534,6 +534,15 @@ impl pb::peer_server::Peer for PeerSvc {
         }
     }
 
+    async fn change_replicas(
+        &self,
+        req: Request<pb::ChangeReplicasRequest>,
+    ) -> Result<Response<pb::ChangeReplicasReply>, Status> {
+        self.change(req.into_inner())
+            .await
+            .map(|()| Response::new(pb::ChangeReplicasReply {}))
+    }
+
     async fn stop_replica(
         &self,
         req: Request<pb::StopReplicaRequest>,
@@ -545,6 +554,37 @@ impl pb::peer_server::Peer for PeerSvc {
         match self.0.stop_replica(&r.class, &r.instance, r.destroy).await {
             Ok(()) => Ok(Response::new(pb::StopReplicaReply {})),
             Err(EngineError::Rdb(rdb::Error::NotFound(m))) => Err(Status::not_found(m)),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+impl PeerSvc {
+    async fn change(&self, r: pb::ChangeReplicasRequest) -> Result<(), Status> {
+        if r.cluster != self.0.inner.cluster {
+            return Err(Status::permission_denied("wrong cluster"));
+        }
+        let host = self
+            .0
+            .host(&r.class, &r.instance)
+            .ok_or_else(|| Status::not_found("no such replica here"))?;
+        if host.db.up_term().is_none() {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        let res = match (r.add, r.remove) {
+            (Some(m), None) => {
+                host.db
+                    .add_replica(wire::member_from(&m).map_err(Status::invalid_argument)?)
+                    .await
+            }
+            (None, Some(rm)) => host.db.remove_replica(rdb::ReplicaId::new(rm.rank, rm.gen)).await,
+            _ => return Err(Status::invalid_argument("exactly one of add and remove")),
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(rdb::Error::NotLeader { .. }) => Err(Status::failed_precondition("not the leader")),
+            Err(rdb::Error::Busy(m)) => Err(Status::unavailable(m)),
+            Err(rdb::Error::NotFound(m)) => Err(Status::not_found(m)),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }

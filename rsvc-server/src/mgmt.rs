@@ -24,6 +24,9 @@ use crate::service::{Ctx, ReplicatedService};
 use crate::transport::GrpcTransport;
 use crate::wire::{self, pb};
 
+/// Pause between rounds of asking an instance's replicas which one leads.
+const CHANGE_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn ranks() -> Path {
     Path::root().child("ranks")
 }
@@ -187,6 +190,7 @@ impl Mgmt {
             label,
             db: db.0,
             replicas: up.iter().map(|r| (r.rank, r.addr.clone())).collect(),
+            gens: up.iter().map(|r| (r.rank, 1)).collect(),
         };
         ctx.tx.update(
             &instances(),
@@ -194,6 +198,126 @@ impl Mgmt {
             postcard::to_allocvec(&info).map_err(storage)?,
         );
         tracing::info!(class = %info.class, label = %info.label, replicas = ?info.replicas, "created instance");
+        Ok(MgmtResponse::Instance(info))
+    }
+
+    /// Asks whichever replica of `info` leads to add or remove a member.
+    async fn change_replicas(
+        &self,
+        info: &InstanceInfo,
+        add: Option<&Member>,
+        remove: Option<(u32, u32)>,
+    ) -> Result<(), String> {
+        let mut last = String::from("no replica answered");
+        for _ in 0..50 {
+            for (rank, addr) in &info.replicas {
+                let Ok(mut peer) = self.peers.peer(addr) else {
+                    continue;
+                };
+                let req = pb::ChangeReplicasRequest {
+                    cluster: self.cluster.clone(),
+                    class: info.class.clone(),
+                    instance: info.label.clone(),
+                    add: add.map(wire::member_to),
+                    remove: remove.map(|(rank, gen)| pb::ReplicaRef { rank, gen }),
+                };
+                match peer.change_replicas(req).await {
+                    Ok(_) => return Ok(()),
+                    // The leader refused the change itself: retrying elsewhere will not help.
+                    Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::InvalidArgument) => {
+                        return Err(format!("rank {rank}: {}", s.message()));
+                    }
+                    // Not the leader, busy, down, or no replica there: ask the next one.
+                    Err(s) => last = format!("rank {rank}: {}", s.message()),
+                }
+            }
+            tokio::time::sleep(CHANGE_RETRY).await;
+        }
+        Err(last)
+    }
+
+    async fn add_replica(
+        &self,
+        ctx: &mut Ctx,
+        class: String,
+        label: String,
+        rank: u32,
+    ) -> Result<MgmtResponse, MgmtError> {
+        let key = format!("{class}/{label}");
+        let mut info = Self::instance(&mut ctx.tx, &key)
+            .await?
+            .ok_or(MgmtError::NotFound(key.clone()))?;
+        if info.replicas.iter().any(|(r, _)| *r == rank) {
+            return Err(MgmtError::Invalid(format!("rank {rank} already hosts {key}")));
+        }
+        let target = Self::up_ranks(&mut ctx.tx)
+            .await?
+            .into_iter()
+            .find(|r| r.rank == rank && r.state == RankState::Up)
+            .ok_or_else(|| MgmtError::Invalid(format!("rank {rank} is not an engine that is up")))?;
+        let gen = info
+            .gens
+            .iter()
+            .find(|(r, _)| *r == rank)
+            .map_or(1, |(_, g)| g + 1);
+        let db = DbId(info.db);
+        let member = self
+            .start_on(&target.addr, &class, &label, db, gen, &[])
+            .await
+            .map_err(MgmtError::StartFailed)?;
+        if let Err(e) = self.change_replicas(&info, Some(&member), None).await {
+            let _ = self.stop_on(&target.addr, &class, &label).await;
+            return Err(MgmtError::StartFailed(e));
+        }
+        info.replicas.push((rank, target.addr.clone()));
+        info.replicas.sort();
+        info.gens.retain(|(r, _)| *r != rank);
+        info.gens.push((rank, gen));
+        ctx.tx.update(
+            &instances(),
+            key.into_bytes(),
+            postcard::to_allocvec(&info).map_err(storage)?,
+        );
+        tracing::info!(%class, %label, rank, gen, "added replica");
+        Ok(MgmtResponse::Instance(info))
+    }
+
+    async fn remove_replica(
+        &self,
+        ctx: &mut Ctx,
+        class: String,
+        label: String,
+        rank: u32,
+    ) -> Result<MgmtResponse, MgmtError> {
+        let key = format!("{class}/{label}");
+        let mut info = Self::instance(&mut ctx.tx, &key)
+            .await?
+            .ok_or(MgmtError::NotFound(key.clone()))?;
+        let Some(pos) = info.replicas.iter().position(|(r, _)| *r == rank) else {
+            return Err(MgmtError::Invalid(format!("rank {rank} does not host {key}")));
+        };
+        if info.replicas.len() == 1 {
+            return Err(MgmtError::Invalid(
+                "cannot remove the last replica; destroy the instance".into(),
+            ));
+        }
+        let gen = info.gens.iter().find(|(r, _)| *r == rank).map_or(1, |(_, g)| *g);
+        let (_, addr) = info.replicas[pos].clone();
+        let mut others = info.clone();
+        others.replicas.remove(pos);
+        self.change_replicas(&others, None, Some((rank, gen)))
+            .await
+            .map_err(MgmtError::StartFailed)?;
+        if let Err(e) = self.stop_on(&addr, &class, &label).await {
+            tracing::warn!(rank, cause = %e, "removed replica could not be destroyed (engine down?)");
+        }
+        info.replicas.remove(pos);
+        ctx.tx.update(
+            &instances(),
+            key.into_bytes(),
+            postcard::to_allocvec(&info).map_err(storage)?,
+        );
+        tracing::info!(%class, %label, rank, gen, "removed replica");
         Ok(MgmtResponse::Instance(info))
     }
 
@@ -264,6 +388,10 @@ impl ReplicatedService for Mgmt {
                 }
                 ctx.tx.delete(&instances(), key.into_bytes());
                 Ok(MgmtResponse::Ok)
+            }
+            MgmtRequest::AddReplica { class, label, rank } => self.add_replica(ctx, class, label, rank).await,
+            MgmtRequest::RemoveReplica { class, label, rank } => {
+                self.remove_replica(ctx, class, label, rank).await
             }
             MgmtRequest::Locate { class, label } => {
                 let key = format!("{class}/{label}");

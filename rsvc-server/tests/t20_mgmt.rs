@@ -21,9 +21,13 @@ fn factories() -> Vec<Arc<dyn ServiceFactory>> {
 }
 
 async fn engine(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>) -> Engine {
+    engine_at(tmp, rank, aps, "127.0.0.1:0").await
+}
+
+async fn engine_at(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>, listen: &str) -> Engine {
     let cfg = EngineConfig {
         rank,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: listen.parse().unwrap(),
         advertise: None,
         data_dir: tmp.path().join(format!("engine{rank}")),
         cluster: "mgmt-test".into(),
@@ -182,6 +186,216 @@ async fn create_locate_fail_over_and_destroy() {
             e.rank()
         );
     }
+    for e in engines.into_iter().flatten() {
+        e.shutdown().await;
+    }
+}
+
+async fn system(tmp: &TempDir, n: u32) -> (Vec<Option<Engine>>, Vec<(u32, String)>) {
+    let mut engines: Vec<Option<Engine>> = Vec::new();
+    let mut aps: Vec<(u32, String)> = Vec::new();
+    for rank in 1..=n {
+        if rank <= 3 {
+            let mut mine = aps.clone();
+            mine.push((rank, String::new()));
+            let e = engine(tmp, rank, mine).await;
+            aps.push((rank, e.addr().to_string()));
+            engines.push(Some(e));
+        } else {
+            engines.push(Some(engine(tmp, rank, aps.clone()).await));
+        }
+    }
+    let mgmt = mgmt_client(
+        aps.clone(),
+        Connections::default(),
+        ClientConfig {
+            deadline: DEADLINE,
+            ..Default::default()
+        },
+    );
+    let start = Instant::now();
+    loop {
+        if let Ok(MgmtResponse::Map(m)) = mgmt.call(&MgmtRequest::SystemMap).await {
+            if m.len() == n as usize {
+                break;
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "the system did not form");
+        tokio::time::sleep(POLL).await;
+    }
+    (engines, aps)
+}
+
+fn instance(r: MgmtResponse) -> rsvc_client::mgmt::InstanceInfo {
+    match r {
+        MgmtResponse::Instance(i) => i,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_replaced() {
+    let tmp = TempDir::new().unwrap();
+    let (mut engines, aps) = system(&tmp, 5).await;
+    let cfg = ClientConfig {
+        deadline: DEADLINE,
+        ..ClientConfig::default()
+    };
+    let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
+    let info = instance(
+        mgmt.call(&MgmtRequest::CreateInstance {
+            class: "counter".into(),
+            label: "beta".into(),
+            replicas: 3,
+        })
+        .await
+        .unwrap(),
+    );
+    let locator = Arc::new(MgmtLocator::new(aps.clone(), Connections::default()));
+    let c: RsvcClient<CounterApi> = RsvcClient::new("beta", locator, Connections::default(), cfg.clone());
+    for _ in 0..5 {
+        c.call(&CounterRequest::Add {
+            name: "n".into(),
+            delta: 1,
+        })
+        .await
+        .unwrap();
+    }
+    let (leader, _) = c.cached_leader().unwrap();
+    let wiped = info
+        .replicas
+        .iter()
+        .map(|(r, _)| *r)
+        .find(|r| *r != leader)
+        .unwrap();
+
+    // Wipe that replica's disk while its engine is down, and bring the engine back.
+    let e = engines[(wiped - 1) as usize].take().unwrap();
+    let addr = e.addr().to_string();
+    e.shutdown().await;
+    std::fs::remove_dir_all(tmp.path().join(format!("engine{wiped}/counter/beta"))).unwrap();
+    engines[(wiped - 1) as usize] = Some(engine_at(&tmp, wiped, aps.clone(), &addr).await);
+    assert!(engines[(wiped - 1) as usize]
+        .as_ref()
+        .unwrap()
+        .host("counter", "beta")
+        .is_none());
+
+    // It is no replica any more; an engine that hosts no replica answers NotReplica.
+    use rsvc_client::wire::pb;
+    let mut raw = Connections::default().get(&addr).unwrap();
+    let reply = raw
+        .call(pb::CallRequest {
+            class: "counter".into(),
+            instance: "beta".into(),
+            probe: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match reply.result {
+        Some(pb::call_reply::Result::Error(e)) => assert_eq!(e.kind, pb::ErrorKind::NotReplica as i32),
+        other => panic!("{other:?}"),
+    }
+
+    // Replace it: remove the old identity, add the rank again under a new generation.
+    let rm = MgmtRequest::RemoveReplica {
+        class: "counter".into(),
+        label: "beta".into(),
+        rank: wiped,
+    };
+    mgmt.call(&rm).await.unwrap();
+    let add = MgmtRequest::AddReplica {
+        class: "counter".into(),
+        label: "beta".into(),
+        rank: wiped,
+    };
+    let info = instance(mgmt.call(&add).await.unwrap());
+    assert_eq!(
+        info.gens.iter().find(|(r, _)| *r == wiped),
+        Some(&(wiped, 2)),
+        "a new generation"
+    );
+    let host = engines[(wiped - 1) as usize]
+        .as_ref()
+        .unwrap()
+        .host("counter", "beta")
+        .expect("hosted again");
+    assert_eq!(host.db.ident().replica.gen, 2);
+    assert_eq!(
+        c.call(&CounterRequest::Add {
+            name: "n".into(),
+            delta: 1
+        })
+        .await
+        .unwrap(),
+        CounterResponse::Value(6)
+    );
+    let start = Instant::now();
+    while host.db.status().applied_index
+        < engines[(leader - 1) as usize]
+            .as_ref()
+            .unwrap()
+            .host("counter", "beta")
+            .unwrap()
+            .db
+            .status()
+            .applied_index
+    {
+        assert!(start.elapsed() < DEADLINE, "the new generation catches up");
+        tokio::time::sleep(POLL).await;
+    }
+
+    // An engine dies for good: move its replica to an engine that has none.
+    let dead = info
+        .replicas
+        .iter()
+        .map(|(r, _)| *r)
+        .find(|r| *r != leader && *r != wiped)
+        .unwrap();
+    engines[(dead - 1) as usize].take().unwrap().shutdown().await;
+    let spare = (1..=5u32)
+        .find(|r| !info.replicas.iter().any(|(x, _)| x == r))
+        .unwrap();
+    mgmt.call(&MgmtRequest::RemoveReplica {
+        class: "counter".into(),
+        label: "beta".into(),
+        rank: dead,
+    })
+    .await
+    .unwrap();
+    let info = instance(
+        mgmt.call(&MgmtRequest::AddReplica {
+            class: "counter".into(),
+            label: "beta".into(),
+            rank: spare,
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(info.replicas.len(), 3);
+    assert!(info.replicas.iter().any(|(r, _)| *r == spare));
+    assert_eq!(
+        c.call(&CounterRequest::Add {
+            name: "n".into(),
+            delta: 1
+        })
+        .await
+        .unwrap(),
+        CounterResponse::Value(7)
+    );
+    let bad = mgmt
+        .call(&MgmtRequest::AddReplica {
+            class: "counter".into(),
+            label: "beta".into(),
+            rank: spare,
+        })
+        .await;
+    assert!(
+        matches!(bad, Err(ClientError::Service(MgmtError::Invalid(_)))),
+        "{bad:?}"
+    );
     for e in engines.into_iter().flatten() {
         e.shutdown().await;
     }
