@@ -137,11 +137,17 @@ impl Engine {
         let peer = pb::peer_server::PeerServer::new(PeerSvc(engine.clone()))
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        // The standard gRPC health service: "" is SERVING while the engine runs.
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
         let mut stop = engine.inner.shutdown.subscribe();
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .concurrency_limit_per_connection(256)
+                .add_service(health_svc)
                 .add_service(rsvc)
                 .add_service(peer)
                 .serve_with_incoming_shutdown(incoming, async move {

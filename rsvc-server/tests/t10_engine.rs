@@ -423,3 +423,88 @@ async fn engine_restart_recovers_its_replicas() {
     drop(c);
     sys.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_oversized_messages() {
+    let sys = System::new(3).await;
+    let replicas = sys.create("c6", &[1, 2, 3]).await;
+    let c = client(replicas, "c6");
+    c.call(&CounterRequest::Add {
+        name: "m".into(),
+        delta: 1,
+    })
+    .await
+    .unwrap();
+    let (leader, _) = c.cached_leader().unwrap();
+    let e = sys.engine(leader);
+
+    // Standard gRPC health.
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", e.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let st = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        st.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // Prometheus text.
+    let maddr = rsvc_server::metrics::serve(e.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(maddr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert!(
+        body.contains("rsvc_replica_serving{class=\"counter\",instance=\"c6\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("rsvc_requests_ok_total{class=\"counter\",instance=\"c6\"}"),
+        "{body}"
+    );
+
+    // A message over the 16 MiB bound is refused with an error status; the engine goes on.
+    use rsvc_client::wire::pb;
+    let mut big = pb::rsvc_client::RsvcClient::new(ch).max_encoding_message_size(64 << 20);
+    let res = big
+        .call(pb::CallRequest {
+            class: "counter".into(),
+            instance: "c6".into(),
+            client_id: vec![3; 16],
+            seq: 1,
+            payload: vec![0u8; 17 << 20],
+            probe: false,
+        })
+        .await;
+    let status = res.expect_err("oversized message accepted");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal
+        ),
+        "{status:?}"
+    );
+    assert_eq!(
+        c.call(&CounterRequest::Add {
+            name: "m".into(),
+            delta: 1
+        })
+        .await
+        .unwrap(),
+        CounterResponse::Value(2)
+    );
+    sys.shutdown().await;
+}

@@ -8,6 +8,9 @@
 //! rsvc-engine get    --access-point 1@127.0.0.1:7001 --label hits page
 //! rsvc-engine status --access-point 1@127.0.0.1:7001
 //! ```
+//!
+//! Settings come from `--config FILE` (TOML), then `RSVC_*` environment variables, then flags;
+//! the later wins.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,21 +49,26 @@ enum Cmd {
         /// TOML configuration file; flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
-        #[arg(long)]
+        /// This engine's rank.
+        #[arg(long, env = "RSVC_RANK")]
         rank: Option<u32>,
-        #[arg(long)]
+        /// Listen address (port 0: any free port).
+        #[arg(long, env = "RSVC_LISTEN")]
         listen: Option<SocketAddr>,
-        #[arg(long)]
+        /// Address peers and clients dial.
+        #[arg(long, env = "RSVC_ADVERTISE")]
         advertise: Option<String>,
-        #[arg(long)]
+        /// Data directory.
+        #[arg(long, env = "RSVC_DATA_DIR")]
         data_dir: Option<PathBuf>,
-        #[arg(long)]
+        /// System name.
+        #[arg(long, env = "RSVC_CLUSTER")]
         cluster: Option<String>,
         /// Access point, `rank@host:port`; use `RANK@` alone for this engine itself.
         #[arg(long = "access-point")]
         access_points: Vec<String>,
         /// Serve Prometheus metrics here.
-        #[arg(long)]
+        #[arg(long, env = "RSVC_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
         /// Sub-second raft timers, for demos and tests on one machine.
         #[arg(long)]
