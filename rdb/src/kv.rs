@@ -482,25 +482,8 @@ impl<B: TreeRead> Overlay<'_, B> {
 }
 
 /// The write side used by apply: the two tables open in a redb write transaction.
-pub(crate) struct WriteTables<'t> {
-    pub entries: redb::Table<'t, (u64, &'static [u8]), &'static [u8]>,
-    pub kvs: redb::Table<'t, u64, &'static [u8]>,
-}
-
-impl TreeRead for WriteTables<'_> {
-    fn entry(&self, kvs: u64, key: &[u8]) -> Result<Option<Stored>, redb::StorageError> {
-        match self.entries.get((kvs, key))? {
-            Some(v) => Ok(Some(Stored::decode(v.value())?)),
-            None => Ok(None),
-        }
-    }
-    fn info(&self, kvs: u64) -> Result<Option<KvsInfo>, redb::StorageError> {
-        match self.kvs.get(kvs)? {
-            Some(v) => Ok(Some(KvsInfo::decode(v.value())?)),
-            None => Ok(None),
-        }
-    }
-}
+pub(crate) type WriteTables<'t> =
+    Tables<redb::Table<'t, (u64, &'static [u8]), &'static [u8]>, redb::Table<'t, u64, &'static [u8]>>;
 
 /// Applies one transaction atomically: all of `ops` or, on the first deterministic error,
 /// nothing. `next_id` is the KVS id counter, advanced only if the transaction applies.

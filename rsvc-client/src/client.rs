@@ -171,28 +171,23 @@ impl<S: ServiceApi> RsvcClient<S> {
 
     async fn attempt(&self, rank: u32, req: pb::CallRequest, timeout: Duration) -> Attempt {
         let addr = self.addrs.lock().expect("lock").get(&rank).cloned();
-        let Some(addr) = addr else {
+        // The replica could not be reached: forget it and say why.
+        let unreachable = |msg: String| {
             self.set
                 .lock()
                 .expect("lock")
                 .complete(rank, Outcome::Unreachable);
-            return Attempt {
+            Attempt {
                 rank,
-                outcome: Err(Failure::Transport(format!("no address for rank {rank}"))),
-            };
+                outcome: Err(Failure::Transport(msg)),
+            }
+        };
+        let Some(addr) = addr else {
+            return unreachable(format!("no address for rank {rank}"));
         };
         let mut client = match self.conns.get(&addr) {
             Ok(c) => c,
-            Err(e) => {
-                self.set
-                    .lock()
-                    .expect("lock")
-                    .complete(rank, Outcome::Unreachable);
-                return Attempt {
-                    rank,
-                    outcome: Err(Failure::Transport(e)),
-                };
-            }
+            Err(e) => return unreachable(e),
         };
         let mut request = tonic::Request::new(req);
         request.set_timeout(timeout);
@@ -201,27 +196,13 @@ impl<S: ServiceApi> RsvcClient<S> {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
                 tracing::debug!(rank, %addr, code = ?status.code(), msg = status.message(), "call failed");
-                self.set
-                    .lock()
-                    .expect("lock")
-                    .complete(rank, Outcome::Unreachable);
-                let msg = format!("rank {rank} at {addr}: {:?} {}", status.code(), status.message());
-                return Attempt {
-                    rank,
-                    outcome: Err(Failure::Transport(msg)),
-                };
+                return unreachable(format!(
+                    "rank {rank} at {addr}: {:?} {}",
+                    status.code(),
+                    status.message()
+                ));
             }
-            Err(_) => {
-                self.set
-                    .lock()
-                    .expect("lock")
-                    .complete(rank, Outcome::Unreachable);
-                let msg = format!("rank {rank} at {addr}: timed out after {timeout:?}");
-                return Attempt {
-                    rank,
-                    outcome: Err(Failure::Transport(msg)),
-                };
-            }
+            Err(_) => return unreachable(format!("rank {rank} at {addr}: timed out after {timeout:?}")),
         };
         let hint = wire::hint_of(reply.hint.as_ref());
         if let Some(h) = &hint {

@@ -28,6 +28,10 @@
 //!   lease. Larger groups wait for the followers' leases (at most `election_timeout_max`).
 //! - Exactly-once keeps one record per client (its latest mutating request), so it assumes one
 //!   mutating call in flight per client.
+//! - The system map records engines when they join; it does not yet track their liveness, and
+//!   nothing moves replicas automatically when an engine dies (no auto-reconfiguration yet).
+//!   An operator replaces a dead engine's replica with `RemoveReplica` + `AddReplica`.
+//! - No TLS or authentication between engines or from clients.
 
 pub mod config;
 pub mod counter;

@@ -44,39 +44,25 @@ async fn create_locate_fail_over_and_destroy() {
         .with_test_writer()
         .try_init();
     let tmp = TempDir::new().unwrap();
-    // Three access points, each started knowing the ones before it, then two plain engines.
-    let mut engines: Vec<Option<Engine>> = Vec::new();
-    let mut aps: Vec<(u32, String)> = Vec::new();
-    for rank in 1..=3 {
-        let mut mine = aps.clone();
-        mine.push((rank, String::new()));
-        let e = engine(&tmp, rank, mine).await;
-        aps.push((rank, e.addr().to_string()));
-        engines.push(Some(e));
-    }
-    for rank in 4..=5 {
-        engines.push(Some(engine(&tmp, rank, aps.clone()).await));
-    }
+    let (mut engines, aps) = system(&tmp, 5).await;
     let cfg = ClientConfig {
         deadline: DEADLINE,
         ..ClientConfig::default()
     };
     let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
-
-    // Everyone joins; every access point gets a management replica.
+    // Every access point got a management replica.
     let start = Instant::now();
-    loop {
-        if let Ok(MgmtResponse::Map(m)) = mgmt.call(&MgmtRequest::SystemMap).await {
-            let voters = engines[0]
-                .as_ref()
-                .unwrap()
-                .host(MGMT_CLASS, MGMT_INSTANCE)
-                .map(|h| h.db.status().voters.len());
-            if m.len() == 5 && voters == Some(3) {
-                break;
-            }
-        }
-        assert!(start.elapsed() < DEADLINE, "the system did not form");
+    while engines[0]
+        .as_ref()
+        .unwrap()
+        .host(MGMT_CLASS, MGMT_INSTANCE)
+        .map(|h| h.db.status().voters.len())
+        != Some(3)
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the access points did not all join the management service"
+        );
         tokio::time::sleep(POLL).await;
     }
 
@@ -191,6 +177,8 @@ async fn create_locate_fail_over_and_destroy() {
     }
 }
 
+/// Starts `n` engines, the first three of them access points (each started knowing the ones
+/// before it), and waits until all have joined.
 async fn system(tmp: &TempDir, n: u32) -> (Vec<Option<Engine>>, Vec<(u32, String)>) {
     let mut engines: Vec<Option<Engine>> = Vec::new();
     let mut aps: Vec<(u32, String)> = Vec::new();
