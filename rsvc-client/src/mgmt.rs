@@ -34,6 +34,8 @@ pub enum RankState {
     Up,
     /// Excluded by an operator; gets no new replicas.
     Excluded,
+    /// Not answering health checks from the management leader.
+    Down,
 }
 
 /// A service instance as the directory records it.

@@ -9,6 +9,7 @@
 //! cluster = "rsvc"
 //! access_points = ["1@host1:7001", "2@host2:7001", "3@host3:7001"]
 //! metrics_listen = "0.0.0.0:9101"   # Prometheus text at /metrics; omit to disable
+//! reconf_after_secs = 30            # move replicas off an engine down this long; 0: never
 //!
 //! [raft]
 //! heartbeat_ms = 100
@@ -78,6 +79,9 @@ pub struct FileConfig {
     pub access_points: Vec<String>,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Seconds an engine may be down before the management leader moves its replicas to a
+    /// spare engine; 0 turns automatic reconfiguration off.
+    pub reconf_after_secs: u64,
     /// rdb tunables.
     pub raft: RaftSection,
 }
@@ -92,6 +96,7 @@ impl Default for FileConfig {
             cluster: "rsvc".into(),
             access_points: Vec::new(),
             metrics_listen: None,
+            reconf_after_secs: 30,
             raft: RaftSection::default(),
         }
     }
@@ -147,6 +152,7 @@ impl FileConfig {
             cluster: self.cluster.clone(),
             db,
             access_points: access_points?,
+            reconf_after: (self.reconf_after_secs > 0).then(|| Duration::from_secs(self.reconf_after_secs)),
         })
     }
 }

@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// point; the lowest-ranked one bootstraps the management service on first start. Every
     /// engine joins the system through them. Empty: no management service (standalone).
     pub access_points: Vec<(u32, String)>,
+    /// On the management leader: move the replicas of an engine that has been down this long
+    /// to a spare engine. `None` leaves that to the operator.
+    pub reconf_after: Option<std::time::Duration>,
 }
 
 /// Why an engine call failed.
@@ -110,7 +113,12 @@ impl Engine {
         let is_ap = access_points.iter().any(|(r, _)| *r == cfg.rank);
         let mut factories = factories;
         if is_ap {
-            let mgmt = crate::mgmt::Mgmt::new(transport.clone(), cfg.cluster.clone());
+            let mgmt = crate::mgmt::Mgmt::new(
+                transport.clone(),
+                cfg.cluster.clone(),
+                (cfg.rank, addr.clone()),
+                cfg.reconf_after,
+            );
             factories.push(Arc::new(crate::service::OnceFactory::new(mgmt)));
         }
         let inner = Arc::new(Inner {

@@ -28,9 +28,10 @@
 //!   lease. Larger groups wait for the followers' leases (at most `election_timeout_max`).
 //! - Exactly-once keeps one record per client (its latest mutating request), so it assumes one
 //!   mutating call in flight per client.
-//! - The system map records engines when they join; it does not yet track their liveness, and
-//!   nothing moves replicas automatically when an engine dies (no auto-reconfiguration yet).
-//!   An operator replaces a dead engine's replica with `RemoveReplica` + `AddReplica`.
+//! - Engine liveness is a health check from the management leader every second. An engine is
+//!   `Down` after 3 s without an answer. After `reconf_after` its replicas move to a spare engine,
+//!   one change per instance per round. Without a spare the instance runs with fewer replicas
+//!   until an operator adds one. A flapping engine can cause needless moves.
 //! - No TLS or authentication between engines or from clients.
 
 pub mod config;

@@ -10,7 +10,9 @@
 //! If any step fails, it destroys the replicas it started, so a failed create leaves nothing
 //! behind.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rand::seq::SliceRandom;
@@ -20,7 +22,7 @@ use rsvc_client::mgmt::{
     MGMT_INSTANCE,
 };
 
-use crate::service::{Ctx, ReplicatedService};
+use crate::service::{Ctx, ReplicatedService, StepUp};
 use crate::transport::GrpcTransport;
 use crate::wire::{self, pb};
 
@@ -39,19 +41,151 @@ fn storage(e: impl std::fmt::Display) -> MgmtError {
     MgmtError::Storage(e.to_string())
 }
 
-/// The management service of one engine.
+/// How often the management leader health-checks every engine.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// An engine that has not answered for this long is reported `Down` and gets no new replicas.
+const DOWN_AFTER: Duration = Duration::from_secs(3);
+
+/// The management service of one engine. One value serves the engine's management replica;
+/// the leader's monitor task shares its state.
 pub struct Mgmt {
+    inner: Arc<MgmtInner>,
+    /// The leader's monitor task.
+    monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What the service and its monitor task share.
+pub struct MgmtInner {
     peers: Arc<GrpcTransport>,
     cluster: String,
+    /// This engine, where the monitor sends its reconfiguration requests.
+    me: (u32, String),
+    /// Replicas on an engine down for this long are moved to a spare engine (DAOS pool
+    /// auto-reconfiguration); `None` turns that off.
+    reconf_after: Option<Duration>,
+    /// When each engine last answered a health check; kept by the leader only.
+    seen: Mutex<HashMap<u32, Instant>>,
+}
+
+impl std::ops::Deref for Mgmt {
+    type Target = MgmtInner;
+    fn deref(&self) -> &MgmtInner {
+        &self.inner
+    }
 }
 
 impl Mgmt {
-    /// A management service reaching other engines through `peers`.
-    pub fn new(peers: Arc<GrpcTransport>, cluster: impl Into<String>) -> Self {
+    /// A management service on engine `me` reaching other engines through `peers`.
+    pub fn new(
+        peers: Arc<GrpcTransport>,
+        cluster: impl Into<String>,
+        me: (u32, String),
+        reconf_after: Option<Duration>,
+    ) -> Self {
         Mgmt {
-            peers,
-            cluster: cluster.into(),
+            inner: Arc::new(MgmtInner {
+                peers,
+                cluster: cluster.into(),
+                me,
+                reconf_after,
+                seen: Mutex::default(),
+            }),
+            monitor: Mutex::new(None),
         }
+    }
+}
+
+impl MgmtInner {
+    /// Whether `rank` has missed its health checks for too long.
+    fn is_down(&self, rank: u32) -> bool {
+        self.seen
+            .lock()
+            .expect("lock")
+            .get(&rank)
+            .is_some_and(|t| t.elapsed() > DOWN_AFTER)
+    }
+
+    /// One round of the leader's monitor: health-check every engine, then move the replicas
+    /// of engines down for longer than `reconf_after`.
+    async fn monitor_round(&self, client: &rsvc_client::RsvcClient<MgmtApi>) -> Result<(), String> {
+        let MgmtResponse::Map(ranks) = client
+            .call(&MgmtRequest::SystemMap)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Err("unexpected answer".into());
+        };
+        let checks = ranks.iter().map(|r| async move {
+            let Ok(ch) = self.peers.channel(&r.addr) else {
+                return (r.rank, false);
+            };
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            let req = tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            };
+            let ok = tokio::time::timeout(PROBE_EVERY / 2, h.check(req))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            (r.rank, ok)
+        });
+        let results = futures::future::join_all(checks).await;
+        {
+            let mut seen = self.seen.lock().expect("lock");
+            let now = Instant::now();
+            for (rank, ok) in results {
+                // First sight counts as seen, so an engine gets the full grace period.
+                if ok || !seen.contains_key(&rank) {
+                    seen.insert(rank, now);
+                }
+            }
+        }
+        let Some(after) = self.reconf_after else {
+            return Ok(());
+        };
+        let MgmtResponse::Instances(instances) = client
+            .call(&MgmtRequest::ListInstances { class: None })
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Err("unexpected answer".into());
+        };
+        for i in instances {
+            for (dead, _) in &i.replicas {
+                let gone = self
+                    .seen
+                    .lock()
+                    .expect("lock")
+                    .get(dead)
+                    .is_some_and(|t| t.elapsed() > after);
+                if !gone {
+                    continue;
+                }
+                let spare = ranks.iter().find(|r| {
+                    r.state == RankState::Up
+                        && !self.is_down(r.rank)
+                        && !i.replicas.iter().any(|(x, _)| *x == r.rank)
+                });
+                let Some(spare) = spare else {
+                    tracing::warn!(class = %i.class, label = %i.label, rank = dead, "replica's engine is down and no spare engine is up");
+                    continue;
+                };
+                tracing::info!(class = %i.class, label = %i.label, from = dead, to = spare.rank, "auto-reconfiguration: moving a replica off a dead engine");
+                let rm = MgmtRequest::RemoveReplica {
+                    class: i.class.clone(),
+                    label: i.label.clone(),
+                    rank: *dead,
+                };
+                client.call(&rm).await.map_err(|e| e.to_string())?;
+                let add = MgmtRequest::AddReplica {
+                    class: i.class.clone(),
+                    label: i.label.clone(),
+                    rank: spare.rank,
+                };
+                client.call(&add).await.map_err(|e| e.to_string())?;
+                break; // one change per instance per round; the next round sees the new list
+            }
+        }
+        Ok(())
     }
 
     async fn start_on(
@@ -137,7 +271,7 @@ impl Mgmt {
         let mut up: Vec<RankInfo> = Self::up_ranks(&mut ctx.tx)
             .await?
             .into_iter()
-            .filter(|r| r.state == RankState::Up)
+            .filter(|r| r.state == RankState::Up && !self.is_down(r.rank))
             .collect();
         if (up.len() as u32) < n {
             return Err(MgmtError::NotEnoughRanks {
@@ -341,6 +475,38 @@ impl Mgmt {
 impl ReplicatedService for Mgmt {
     type Api = MgmtApi;
 
+    async fn step_up(&self, _db: &rdb::Db, term: u64) -> Result<StepUp, String> {
+        self.seen.lock().expect("lock").clear();
+        let mgmt = self.inner.clone();
+        let task = tokio::spawn(async move {
+            let cfg = rsvc_client::ClientConfig {
+                deadline: Duration::from_secs(5),
+                ..Default::default()
+            };
+            let client = rsvc_client::mgmt::mgmt_client(
+                vec![mgmt.me.clone()],
+                rsvc_client::Connections::default(),
+                cfg,
+            );
+            loop {
+                if let Err(e) = mgmt.monitor_round(&client).await {
+                    tracing::debug!(term, cause = %e, "monitor round failed");
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+        });
+        if let Some(old) = self.monitor.lock().expect("lock").replace(task) {
+            old.abort();
+        }
+        Ok(StepUp::Up)
+    }
+
+    async fn drain(&self) {
+        if let Some(t) = self.monitor.lock().expect("lock").take() {
+            t.abort();
+        }
+    }
+
     async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {
         tx.create_kvs(&Path::root(), "ranks", KeyClass::Integer);
         tx.create_kvs(&Path::root(), "instances", KeyClass::Lexical);
@@ -370,7 +536,15 @@ impl ReplicatedService for Mgmt {
                 tracing::info!(rank, %addr, access_point, "engine joined");
                 Ok(MgmtResponse::Ok)
             }
-            MgmtRequest::SystemMap => Ok(MgmtResponse::Map(Self::up_ranks(&mut ctx.tx).await?)),
+            MgmtRequest::SystemMap => {
+                let mut map = MgmtInner::up_ranks(&mut ctx.tx).await?;
+                for r in &mut map {
+                    if r.state == RankState::Up && self.is_down(r.rank) {
+                        r.state = RankState::Down;
+                    }
+                }
+                Ok(MgmtResponse::Map(map))
+            }
             MgmtRequest::CreateInstance {
                 class,
                 label,
@@ -378,7 +552,7 @@ impl ReplicatedService for Mgmt {
             } => self.create(ctx, class, label, replicas).await,
             MgmtRequest::DestroyInstance { class, label } => {
                 let key = format!("{class}/{label}");
-                let info = Self::instance(&mut ctx.tx, &key)
+                let info = MgmtInner::instance(&mut ctx.tx, &key)
                     .await?
                     .ok_or(MgmtError::NotFound(key.clone()))?;
                 for (rank, addr) in &info.replicas {
@@ -395,7 +569,7 @@ impl ReplicatedService for Mgmt {
             }
             MgmtRequest::Locate { class, label } => {
                 let key = format!("{class}/{label}");
-                Self::instance(&mut ctx.tx, &key)
+                MgmtInner::instance(&mut ctx.tx, &key)
                     .await?
                     .map(MgmtResponse::Instance)
                     .ok_or(MgmtError::NotFound(key))

@@ -29,9 +29,10 @@ impl GrpcTransport {
         }
     }
 
-    pub(crate) fn peer(&self, addr: &str) -> Result<pb::peer_client::PeerClient<Channel>, String> {
+    /// The (reused) connection to the engine at `addr`.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut m = self.channels.lock().expect("lock");
-        let ch = match m.get(addr) {
+        Ok(match m.get(addr) {
             Some(c) => c.clone(),
             None => {
                 let c = Endpoint::from_shared(format!("http://{addr}"))
@@ -42,7 +43,11 @@ impl GrpcTransport {
                 m.insert(addr.to_string(), c.clone());
                 c
             }
-        };
+        })
+    }
+
+    pub(crate) fn peer(&self, addr: &str) -> Result<pb::peer_client::PeerClient<Channel>, String> {
+        let ch = self.channel(addr)?;
         Ok(pb::peer_client::PeerClient::new(ch)
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES))

@@ -52,6 +52,7 @@ impl System {
             cluster: "test".into(),
             db: DbConfig::fast(),
             access_points: vec![],
+            reconf_after: None,
         };
         Engine::start(cfg, factories()).await.unwrap()
     }

@@ -20,11 +20,17 @@ fn factories() -> Vec<Arc<dyn ServiceFactory>> {
     vec![Arc::new(FnFactory::new(|_: &str| Counter))]
 }
 
-async fn engine(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>) -> Engine {
-    engine_at(tmp, rank, aps, "127.0.0.1:0").await
+async fn engine_at(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>, listen: &str) -> Engine {
+    engine_with(tmp, rank, aps, listen, None).await
 }
 
-async fn engine_at(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>, listen: &str) -> Engine {
+async fn engine_with(
+    tmp: &TempDir,
+    rank: u32,
+    aps: Vec<(u32, String)>,
+    listen: &str,
+    reconf_after: Option<Duration>,
+) -> Engine {
     let cfg = EngineConfig {
         rank,
         listen: listen.parse().unwrap(),
@@ -33,6 +39,7 @@ async fn engine_at(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>, listen: &s
         cluster: "mgmt-test".into(),
         db: DbConfig::fast(),
         access_points: aps,
+        reconf_after,
     };
     Engine::start(cfg, factories()).await.unwrap()
 }
@@ -180,17 +187,27 @@ async fn create_locate_fail_over_and_destroy() {
 /// Starts `n` engines, the first three of them access points (each started knowing the ones
 /// before it), and waits until all have joined.
 async fn system(tmp: &TempDir, n: u32) -> (Vec<Option<Engine>>, Vec<(u32, String)>) {
+    system_with(tmp, n, None).await
+}
+
+async fn system_with(
+    tmp: &TempDir,
+    n: u32,
+    reconf_after: Option<Duration>,
+) -> (Vec<Option<Engine>>, Vec<(u32, String)>) {
     let mut engines: Vec<Option<Engine>> = Vec::new();
     let mut aps: Vec<(u32, String)> = Vec::new();
     for rank in 1..=n {
         if rank <= 3 {
             let mut mine = aps.clone();
             mine.push((rank, String::new()));
-            let e = engine(tmp, rank, mine).await;
+            let e = engine_with(tmp, rank, mine, "127.0.0.1:0", reconf_after).await;
             aps.push((rank, e.addr().to_string()));
             engines.push(Some(e));
         } else {
-            engines.push(Some(engine(tmp, rank, aps.clone()).await));
+            engines.push(Some(
+                engine_with(tmp, rank, aps.clone(), "127.0.0.1:0", reconf_after).await,
+            ));
         }
     }
     let mgmt = mgmt_client(
@@ -383,6 +400,100 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
     assert!(
         matches!(bad, Err(ClientError::Service(MgmtError::Invalid(_)))),
         "{bad:?}"
+    );
+    for e in engines.into_iter().flatten() {
+        e.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_move_off_a_dead_engine_by_themselves() {
+    let tmp = TempDir::new().unwrap();
+    let (mut engines, aps) = system_with(&tmp, 5, Some(Duration::from_secs(2))).await;
+    let cfg = ClientConfig {
+        deadline: DEADLINE,
+        ..ClientConfig::default()
+    };
+    let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
+    let info = instance(
+        mgmt.call(&MgmtRequest::CreateInstance {
+            class: "counter".into(),
+            label: "gamma".into(),
+            replicas: 3,
+        })
+        .await
+        .unwrap(),
+    );
+    let locator = Arc::new(MgmtLocator::new(aps.clone(), Connections::default()));
+    let c: RsvcClient<CounterApi> = RsvcClient::new("gamma", locator, Connections::default(), cfg);
+    c.call(&CounterRequest::Add {
+        name: "n".into(),
+        delta: 1,
+    })
+    .await
+    .unwrap();
+    // Kill an engine that hosts a replica but neither leads it nor is an access point, if
+    // possible; otherwise any non-leader replica.
+    let (leader, _) = c.cached_leader().unwrap();
+    let candidates: Vec<u32> = info
+        .replicas
+        .iter()
+        .map(|(r, _)| *r)
+        .filter(|r| *r != leader)
+        .collect();
+    let dead = candidates
+        .iter()
+        .copied()
+        .find(|r| *r > 3)
+        .unwrap_or(candidates[0]);
+    engines[(dead - 1) as usize].take().unwrap().shutdown().await;
+
+    let start = Instant::now();
+    let moved = loop {
+        let i = instance(
+            mgmt.call(&MgmtRequest::Locate {
+                class: "counter".into(),
+                label: "gamma".into(),
+            })
+            .await
+            .unwrap(),
+        );
+        if i.replicas.len() == 3 && !i.replicas.iter().any(|(r, _)| *r == dead) {
+            break i;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the replica was not moved off dead rank {dead}"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    eprintln!(
+        "replica moved off dead rank {dead} after {:?}: now on {:?}",
+        start.elapsed(),
+        moved.replicas
+    );
+    loop {
+        let MgmtResponse::Map(map) = mgmt.call(&MgmtRequest::SystemMap).await.unwrap() else {
+            panic!()
+        };
+        let st = map.iter().find(|r| r.rank == dead).unwrap().state;
+        if st == rsvc_client::mgmt::RankState::Down {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the dead engine is never reported down"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(
+        c.call(&CounterRequest::Add {
+            name: "n".into(),
+            delta: 1
+        })
+        .await
+        .unwrap(),
+        CounterResponse::Value(2)
     );
     for e in engines.into_iter().flatten() {
         e.shutdown().await;
