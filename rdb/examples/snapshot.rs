@@ -33,6 +33,8 @@ struct Args {
 }
 
 const VALUE: usize = 4096;
+/// How often the catch-up is checked.
+const POLL: Duration = Duration::from_millis(10);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -138,7 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if t.elapsed() > Duration::from_secs(600) {
             return Err("the new replica did not catch up within 10 minutes".into());
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(POLL).await;
     }
     let secs = t.elapsed().as_secs_f64();
     let rate = args.mb as f64 / secs;
