@@ -337,6 +337,32 @@ async fn not_replica_and_unknown_class_and_garbage() {
         other => panic!("{other:?}"),
     }
 
+    // Raft traffic from another system, or for a database nobody hosts, is refused unread.
+    use rsvc_server::wire::pb as peer;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", sys.engine(1).addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut p = peer::peer_client::PeerClient::new(ch);
+    for (cluster, db) in [
+        ("other-system", vec![0u8; 16]),
+        ("test", vec![9u8; 16]),
+        ("test", vec![1u8; 3]),
+    ] {
+        let msg = peer::RaftMessage {
+            cluster: cluster.into(),
+            db,
+            kind: 0,
+            payload: vec![1, 2, 3],
+            ..Default::default()
+        };
+        match p.raft(msg).await.unwrap().into_inner().result {
+            Some(peer::raft_reply::Result::Refused(why)) => assert!(!why.is_empty()),
+            other => panic!("a foreign raft message was not refused: {other:?}"),
+        }
+    }
+
     // Raw garbage bytes on the port: the engine shrugs and keeps serving.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for junk in [
@@ -508,4 +534,85 @@ async fn health_metrics_and_oversized_messages() {
         CounterResponse::Value(2)
     );
     sys.shutdown().await;
+}
+
+/// A counter whose step-up always fails on one engine.
+struct Grumpy(Counter);
+
+#[async_trait::async_trait]
+impl rsvc_server::ReplicatedService for Grumpy {
+    type Api = CounterApi;
+    async fn bootstrap(&self, tx: &mut rdb::Tx) -> Result<(), String> {
+        self.0.bootstrap(tx).await
+    }
+    async fn step_up(&self, _db: &rdb::Db, _term: u64) -> Result<rsvc_server::StepUp, String> {
+        Err("cannot load caches here".into())
+    }
+    async fn handle(
+        &self,
+        ctx: &mut rsvc_server::Ctx,
+        req: CounterRequest,
+    ) -> Result<CounterResponse, CounterError> {
+        self.0.handle(ctx, req).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_up_gives_leadership_away() {
+    init_tracing();
+    let tmp = TempDir::new().unwrap();
+    let mut engines = Vec::new();
+    for rank in 1..=3u32 {
+        let f: Arc<dyn ServiceFactory> = if rank == 1 {
+            Arc::new(FnFactory::new(|_: &str| Grumpy(Counter)))
+        } else {
+            Arc::new(FnFactory::new(|_: &str| Counter))
+        };
+        let cfg = EngineConfig {
+            rank,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            data_dir: tmp.path().join(format!("engine{rank}")),
+            cluster: "test".into(),
+            db: DbConfig::fast(),
+            access_points: vec![],
+            reconf_after: None,
+        };
+        engines.push(Engine::start(cfg, vec![f]).await.unwrap());
+    }
+    // Rank 1 bootstraps the group, so it is likely the first leader, and its step-up fails.
+    let db = DbId::random();
+    let mut members = Vec::new();
+    for e in &engines[1..] {
+        members.push(e.start_replica("counter", "g", db, 1, vec![]).await.unwrap());
+    }
+    let first = engines[0]
+        .start_replica("counter", "g", db, 1, vec![])
+        .await
+        .unwrap();
+    members.insert(0, first);
+    engines[0]
+        .start_replica("counter", "g", db, 1, members)
+        .await
+        .unwrap();
+    let replicas: Vec<(u32, String)> = engines.iter().map(|e| (e.rank(), e.addr().to_string())).collect();
+    let c = client(replicas, "g");
+    assert_eq!(
+        c.call(&CounterRequest::Add {
+            name: "x".into(),
+            delta: 1
+        })
+        .await
+        .unwrap(),
+        CounterResponse::Value(1)
+    );
+    let (leader, _) = c.cached_leader().unwrap();
+    assert_ne!(leader, 1, "the replica that cannot step up never serves");
+    assert_eq!(
+        engines[0].host("counter", "g").unwrap().state().0,
+        rsvc_server::State::Down
+    );
+    for e in engines {
+        e.shutdown().await;
+    }
 }
