@@ -481,13 +481,28 @@ impl Db {
     }
 
     /// Adds a replica: first as a learner (waits until it has caught up), then as a voter.
+    /// Adding a voter again is a no-op; adding a learner again promotes it.
     pub async fn add_replica(&self, member: Member) -> Result<()> {
+        // Idempotent, so that a caller can retry after Busy: a change that failed half-way
+        // leaves a learner behind, which is then only promoted.
         let id = member.replica.node_id();
-        self.inner
-            .raft
-            .add_learner(id, member, true)
-            .await
-            .map_err(|e| self.map_write_err(e))?;
+        let (is_voter, is_learner) = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            let ms = m.membership_config.membership();
+            let voter = ms.voter_ids().any(|v| v == id);
+            (voter, !voter && ms.learner_ids().any(|l| l == id))
+        };
+        if is_voter {
+            return Ok(());
+        }
+        if !is_learner {
+            self.inner
+                .raft
+                .add_learner(id, member, true)
+                .await
+                .map_err(|e| self.map_write_err(e))?;
+        }
         self.inner
             .raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)

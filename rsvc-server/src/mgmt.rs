@@ -457,9 +457,10 @@ impl MgmtInner {
 
     /// Gives an access point that joined a replica of the management service.
     async fn add_access_point(&self, ctx: &Ctx, rank: u32, addr: &str) -> Result<(), MgmtError> {
-        if ctx.db.members().iter().any(|m| m.replica.rank == rank) {
+        if ctx.db.status().voters.iter().any(|r| r.rank == rank) {
             return Ok(());
         }
+        // A learner left by an earlier attempt is promoted; start_replica is idempotent.
         let db = ctx.db.ident().db;
         let member = self
             .start_on(addr, MGMT_CLASS, MGMT_INSTANCE, db, 1, &[])
