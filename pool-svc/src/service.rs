@@ -1,0 +1,394 @@
+//! The pool service: a `ReplicatedService` whose rdb also holds the pool's containers.
+//!
+//! LAYOUT: `/props`, `/attrs`, `/handles` (handle → HandleRec), `/conts` (see cont-svc).
+//!
+//! HANDLE LEASES (Mooncake client liveness, etcd lease semantics). A handle is persisted when
+//! it connects; its lease lives only in the leader's memory. The client renews it, and renewals
+//! are not replicated. A background task on the leader evicts handles whose lease ran out, in a
+//! transaction that also closes their container handles. On step-up, a new leader gives every
+//! persisted handle a fresh full lease, so a failover evicts nobody. A client that misses its
+//! renewals loses its handle and gets `NoHandle`; `PoolClient` then reconnects by itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use cont_svc::api::Handle;
+use cont_svc::store as cstore;
+use cont_svc::ContRequest;
+use rdb::{Db, KeyClass, Path, Tx, Value};
+use rsvc_server::{Ctx, ReplicatedService, StepUp};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{HandleInfo, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
+
+/// Shortest and longest lease a client may ask for.
+pub const TTL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+
+fn props() -> Path {
+    Path::root().child("props")
+}
+fn attrs() -> Path {
+    Path::root().child("attrs")
+}
+fn handles() -> Path {
+    Path::root().child("handles")
+}
+
+/// A persisted pool handle.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct HandleRec {
+    client: String,
+    ttl_ms: u64,
+}
+
+fn storage(e: impl std::fmt::Display) -> PoolError {
+    PoolError::Storage(e.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Leader-only lease table: handle → (deadline, ttl).
+type Leases = Arc<Mutex<HashMap<Handle, (Instant, Duration)>>>;
+
+/// One pool's service value.
+pub struct PoolService {
+    label: String,
+    leases: Leases,
+    evictor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl PoolService {
+    /// The service for pool `label`.
+    pub fn new(label: &str) -> Self {
+        PoolService {
+            label: label.to_string(),
+            leases: Arc::default(),
+            evictor: Mutex::new(None),
+        }
+    }
+
+    fn lease_ok(&self, h: &Handle) -> bool {
+        self.leases
+            .lock()
+            .expect("lock")
+            .get(h)
+            .is_some_and(|(d, _)| Instant::now() < *d)
+    }
+
+    async fn check_handle(&self, tx: &mut Tx, h: &Handle) -> Result<HandleRec, PoolError> {
+        let rec = tx
+            .lookup(&handles(), h)
+            .await
+            .map_err(storage)?
+            .ok_or(PoolError::NoHandle)?;
+        if !self.lease_ok(h) {
+            return Err(PoolError::NoHandle);
+        }
+        postcard::from_bytes(&rec).map_err(storage)
+    }
+
+    async fn all_handles(tx: &mut Tx) -> Result<Vec<(Handle, HandleRec)>, PoolError> {
+        let mut out = Vec::new();
+        for (k, v) in tx.iterate(&handles(), .., usize::MAX).await.map_err(storage)? {
+            if let (Ok(h), Value::Bytes(b)) = (<Handle>::try_from(k.as_slice()), v) {
+                out.push((h, postcard::from_bytes(&b).map_err(storage)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues removal of `h` and of the container handles opened under it.
+    async fn drop_handle(tx: &mut Tx, h: &Handle) -> Result<(), PoolError> {
+        tx.delete(&handles(), h.to_vec());
+        cstore::close_handles_of(tx, h).await.map_err(PoolError::Cont)?;
+        Ok(())
+    }
+
+    /// One pass of the evictor: removes handles whose lease ran out.
+    async fn evict_expired(db: &Db, term: u64, leases: &Leases) -> Result<usize, rdb::Error> {
+        let expired: Vec<Handle> = {
+            let l = leases.lock().expect("lock");
+            let now = Instant::now();
+            l.iter()
+                .filter(|(_, (d, _))| now >= *d)
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = db.begin(Some(term))?;
+        let mut n = 0;
+        for h in &expired {
+            if tx.lookup(&handles(), h).await?.is_some() {
+                Self::drop_handle(&mut tx, h)
+                    .await
+                    .map_err(|e| rdb::Error::Invalid(e.to_string()))?;
+                n += 1;
+            }
+        }
+        tx.commit().await?;
+        let mut l = leases.lock().expect("lock");
+        for h in &expired {
+            if l.get(h).is_some_and(|(d, _)| Instant::now() >= *d) {
+                l.remove(h);
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl ReplicatedService for PoolService {
+    type Api = PoolApi;
+
+    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {
+        let root = Path::root();
+        tx.create_kvs(&root, "props", KeyClass::Lexical);
+        tx.create_kvs(&root, "attrs", KeyClass::Lexical);
+        tx.create_kvs(&root, "handles", KeyClass::Lexical);
+        for (k, v) in [
+            ("label", self.label.as_str()),
+            ("owner", "root"),
+            ("redun_fac", "1"),
+            ("map_version", "1"),
+        ] {
+            tx.update(&props(), k, v);
+        }
+        cstore::bootstrap(tx);
+        Ok(())
+    }
+
+    async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, String> {
+        // Every persisted handle gets a fresh full lease: a failover evicts nobody.
+        let mut tx = db.begin(Some(term)).map_err(|e| e.to_string())?;
+        let all = Self::all_handles(&mut tx).await.map_err(|e| e.to_string())?;
+        {
+            let mut l = self.leases.lock().expect("lock");
+            l.clear();
+            let now = Instant::now();
+            for (h, rec) in &all {
+                let ttl = Duration::from_millis(rec.ttl_ms);
+                l.insert(*h, (now + ttl, ttl));
+            }
+        }
+        tracing::info!(pool = %self.label, term, handles = all.len(), "pool service up; leases renewed");
+        let (db, leases, label) = (db.clone(), self.leases.clone(), self.label.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(TTL_RANGE.0 / 2).await;
+                match Self::evict_expired(&db, term, &leases).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(pool = %label, evicted = n, "evicted handles whose lease expired")
+                    }
+                    Err(e) => tracing::debug!(pool = %label, cause = %e, "eviction pass failed"),
+                }
+            }
+        });
+        if let Some(old) = self.evictor.lock().expect("lock").replace(task) {
+            old.abort();
+        }
+        Ok(StepUp::Up)
+    }
+
+    async fn drain(&self) {
+        if let Some(t) = self.evictor.lock().expect("lock").take() {
+            t.abort();
+        }
+    }
+
+    async fn step_down(&self, _term: u64) {
+        self.leases.lock().expect("lock").clear();
+    }
+
+    async fn handle(&self, ctx: &mut Ctx, req: PoolRequest) -> Result<PoolResponse, PoolError> {
+        let tx = &mut ctx.tx;
+        match req {
+            PoolRequest::Connect { client, ttl_ms } => {
+                let ttl = Duration::from_millis(ttl_ms);
+                if ttl < TTL_RANGE.0 || ttl > TTL_RANGE.1 {
+                    return Err(PoolError::Invalid(format!(
+                        "lease of {ttl_ms} ms is outside {TTL_RANGE:?}"
+                    )));
+                }
+                let h: Handle = rand::random();
+                let rec = HandleRec { client, ttl_ms };
+                tx.update(
+                    &handles(),
+                    h.to_vec(),
+                    postcard::to_allocvec(&rec).map_err(storage)?,
+                );
+                // NB: the lease starts now; if the commit fails, the orphan lease expires and the
+                // evictor finds no handle to remove.
+                self.leases
+                    .lock()
+                    .expect("lock")
+                    .insert(h, (Instant::now() + ttl, ttl));
+                Ok(PoolResponse::Connected { handle: h, ttl_ms })
+            }
+            PoolRequest::Disconnect { handle } => {
+                tx.lookup(&handles(), &handle)
+                    .await
+                    .map_err(storage)?
+                    .ok_or(PoolError::NoHandle)?;
+                Self::drop_handle(tx, &handle).await?;
+                self.leases.lock().expect("lock").remove(&handle);
+                Ok(PoolResponse::Ok)
+            }
+            PoolRequest::Renew { handle } => {
+                let mut l = self.leases.lock().expect("lock");
+                match l.get_mut(&handle) {
+                    Some((deadline, ttl)) if Instant::now() < *deadline => {
+                        *deadline = Instant::now() + *ttl;
+                        Ok(PoolResponse::Ok)
+                    }
+                    _ => Err(PoolError::NoHandle),
+                }
+            }
+            PoolRequest::Query => {
+                let label = tx
+                    .lookup(&props(), b"label")
+                    .await
+                    .map_err(storage)?
+                    .unwrap_or_default();
+                let mv = tx
+                    .lookup(&props(), b"map_version")
+                    .await
+                    .map_err(storage)?
+                    .unwrap_or_default();
+                let handles_n = tx
+                    .iterate(&handles(), .., usize::MAX)
+                    .await
+                    .map_err(storage)?
+                    .len() as u64;
+                let conts_n = tx
+                    .iterate(&cstore::conts(), .., usize::MAX)
+                    .await
+                    .map_err(storage)?
+                    .len() as u64;
+                let mut replicas: Vec<u32> = ctx.db.status().voters.iter().map(|r| r.rank).collect();
+                replicas.sort_unstable();
+                Ok(PoolResponse::Info(PoolInfo {
+                    label: String::from_utf8_lossy(&label).into_owned(),
+                    replicas,
+                    leader: ctx.db.ident().replica.rank,
+                    term: ctx.term,
+                    handles: handles_n,
+                    containers: conts_n,
+                    map_version: String::from_utf8_lossy(&mv).parse().unwrap_or(0),
+                }))
+            }
+            PoolRequest::PropGet => {
+                let all = tx.iterate(&props(), .., usize::MAX).await.map_err(storage)?;
+                Ok(PoolResponse::Props(
+                    all.into_iter()
+                        .filter_map(|(k, v)| match v {
+                            Value::Bytes(b) => Some((
+                                String::from_utf8_lossy(&k).into_owned(),
+                                String::from_utf8_lossy(&b).into_owned(),
+                            )),
+                            Value::Kvs(_) => None,
+                        })
+                        .collect(),
+                ))
+            }
+            PoolRequest::PropSet { name, value } => {
+                if name == "map_version" {
+                    return Err(PoolError::Invalid(
+                        "map_version is maintained by the service".into(),
+                    ));
+                }
+                let mv = tx.lookup(&props(), b"map_version").await.map_err(storage)?;
+                let next = mv
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).parse::<u64>().unwrap_or(0))
+                    .unwrap_or(0)
+                    + 1;
+                tx.expect(&props(), b"map_version".to_vec(), mv);
+                tx.update(&props(), b"map_version".to_vec(), next.to_string().into_bytes());
+                tx.update(&props(), name.into_bytes(), value.into_bytes());
+                Ok(PoolResponse::Ok)
+            }
+            PoolRequest::AttrSet { name, value } => {
+                if name.is_empty() {
+                    return Err(PoolError::Invalid("empty attribute name".into()));
+                }
+                tx.update(&attrs(), name.into_bytes(), value);
+                Ok(PoolResponse::Ok)
+            }
+            PoolRequest::AttrGet { name } => Ok(PoolResponse::Attr(
+                tx.lookup(&attrs(), name.as_bytes()).await.map_err(storage)?,
+            )),
+            PoolRequest::AttrList => {
+                let all = tx.iterate(&attrs(), .., usize::MAX).await.map_err(storage)?;
+                Ok(PoolResponse::Names(
+                    all.into_iter()
+                        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+                        .collect(),
+                ))
+            }
+            PoolRequest::AttrDel { name } => {
+                if tx
+                    .lookup(&attrs(), name.as_bytes())
+                    .await
+                    .map_err(storage)?
+                    .is_none()
+                {
+                    return Err(PoolError::Invalid(format!("no attribute {name:?}")));
+                }
+                tx.delete(&attrs(), name.into_bytes());
+                Ok(PoolResponse::Ok)
+            }
+            PoolRequest::Evict => {
+                let all = Self::all_handles(tx).await?;
+                for (h, _) in &all {
+                    Self::drop_handle(tx, h).await?;
+                }
+                self.leases.lock().expect("lock").clear();
+                Ok(PoolResponse::Evicted(all.len() as u64))
+            }
+            PoolRequest::ListHandles => Ok(PoolResponse::Handles(
+                Self::all_handles(tx)
+                    .await?
+                    .into_iter()
+                    .map(|(handle, r)| HandleInfo {
+                        handle,
+                        client: r.client,
+                        ttl_ms: r.ttl_ms,
+                    })
+                    .collect(),
+            )),
+            PoolRequest::Cont { handle, req } => {
+                self.check_handle(tx, &handle).await?;
+                if let ContRequest::Destroy { label, force } = req {
+                    // Phase one commits on its own, so that a crash between the phases leaves a
+                    // container that refuses every use until a retried destroy finishes it.
+                    let mut p1 = ctx.db.begin(Some(ctx.term)).map_err(storage)?;
+                    if cstore::destroy_phase1(&mut p1, &label, force)
+                        .await
+                        .map_err(PoolError::Cont)?
+                    {
+                        p1.commit().await.map_err(storage)?;
+                    }
+                    // A fresh transaction: this request's reads predate phase one.
+                    *tx = ctx.db.begin(Some(ctx.term)).map_err(storage)?;
+                    cstore::destroy_phase2(tx, &label)
+                        .await
+                        .map_err(PoolError::Cont)?;
+                    return Ok(PoolResponse::Cont(cont_svc::ContResponse::Ok));
+                }
+                let r = cstore::handle(tx, &handle, now_ms(), req)
+                    .await
+                    .map_err(PoolError::Cont)?;
+                Ok(PoolResponse::Cont(r))
+            }
+        }
+    }
+}

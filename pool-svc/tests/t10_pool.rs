@@ -1,0 +1,298 @@
+//! Pool and container semantics on three in-process engines talking gRPC.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cont_svc::ContError;
+use pool_svc::client::is_cont_error;
+use pool_svc::{ContClient, PoolClient, PoolError, PoolRequest, PoolResponse};
+use rdb::DbConfig;
+use rsvc_client::mgmt::{mgmt_client, MgmtLocator, MgmtRequest, MgmtResponse};
+use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient};
+use rsvc_server::{Engine, EngineConfig};
+use tempfile::TempDir;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+struct Sys {
+    _tmp: TempDir,
+    engines: Vec<Option<Engine>>,
+    aps: Vec<(u32, String)>,
+}
+
+async fn system() -> Sys {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("pool_svc=info,rsvc_server=warn,rdb=warn,openraft=error")
+        .with_test_writer()
+        .try_init();
+    let tmp = TempDir::new().unwrap();
+    let mut engines = Vec::new();
+    let mut aps: Vec<(u32, String)> = Vec::new();
+    for rank in 1..=3u32 {
+        let mut mine = aps.clone();
+        mine.push((rank, String::new()));
+        let cfg = EngineConfig {
+            rank,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            data_dir: tmp.path().join(format!("e{rank}")),
+            cluster: "pool-test".into(),
+            db: DbConfig::fast(),
+            access_points: mine,
+            reconf_after: None,
+        };
+        let e = Engine::start(cfg, pool_svc::factories()).await.unwrap();
+        aps.push((rank, e.addr().to_string()));
+        engines.push(Some(e));
+    }
+    let m = mgmt_client(
+        aps.clone(),
+        Connections::default(),
+        ClientConfig {
+            deadline: DEADLINE,
+            ..Default::default()
+        },
+    );
+    let start = Instant::now();
+    loop {
+        if let Ok(MgmtResponse::Map(map)) = m.call(&MgmtRequest::SystemMap).await {
+            if map.len() == 3 {
+                break;
+            }
+        }
+        assert!(start.elapsed() < DEADLINE);
+        tokio::time::sleep(POLL).await;
+    }
+    Sys {
+        _tmp: tmp,
+        engines,
+        aps,
+    }
+}
+
+impl Sys {
+    async fn create_pool(&self, label: &str) {
+        let m = mgmt_client(
+            self.aps.clone(),
+            Connections::default(),
+            ClientConfig {
+                deadline: DEADLINE,
+                ..Default::default()
+            },
+        );
+        m.call(&MgmtRequest::CreateInstance {
+            class: "pool".into(),
+            label: label.into(),
+            replicas: 3,
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn connect(&self, label: &str, ttl: Duration) -> PoolClient {
+        let cfg = ClientConfig {
+            deadline: DEADLINE,
+            ..Default::default()
+        };
+        let loc = Arc::new(MgmtLocator::new(self.aps.clone(), Connections::default()));
+        PoolClient::connect(label, loc, Connections::default(), cfg, "test", ttl)
+            .await
+            .unwrap()
+    }
+
+    fn raw(&self, label: &str) -> RsvcClient<pool_svc::PoolApi> {
+        let loc = Arc::new(MgmtLocator::new(self.aps.clone(), Connections::default()));
+        RsvcClient::new(
+            label,
+            loc,
+            Connections::default(),
+            ClientConfig {
+                deadline: DEADLINE,
+                ..Default::default()
+            },
+        )
+    }
+
+    async fn shutdown(self) {
+        for e in self.engines.into_iter().flatten() {
+            e.shutdown().await;
+        }
+    }
+}
+
+async fn handles(raw: &RsvcClient<pool_svc::PoolApi>) -> usize {
+    match raw.call(&PoolRequest::ListHandles).await.unwrap() {
+        PoolResponse::Handles(h) => h.len(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_evict_silent_clients_and_clients_reconnect_by_themselves() {
+    let sys = system().await;
+    sys.create_pool("p1").await;
+    let raw = sys.raw("p1");
+
+    // A client that stops renewing loses its handle once the lease runs out.
+    let silent = sys.connect("p1", Duration::from_millis(300)).await;
+    assert_eq!(handles(&raw).await, 1);
+    drop(silent); // stops the renewer; the handle stays until the lease expires
+    let start = Instant::now();
+    while handles(&raw).await != 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the silent client's handle was never evicted"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    // A live client keeps its handle well past its TTL.
+    let live = sys.connect("p1", Duration::from_millis(300)).await;
+    let h = live.handle();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(live.handle(), h, "renewals kept the handle");
+    assert_eq!(live.reconnects(), 0);
+
+    // Evicted from under it, the client reconnects by itself on its next call.
+    match raw.call(&PoolRequest::Evict).await.unwrap() {
+        PoolResponse::Evicted(n) => assert!(n >= 1),
+        other => panic!("{other:?}"),
+    }
+    ContClient::new(&live).create("c0", vec![]).await.unwrap();
+    assert!(live.reconnects() >= 1, "the client reconnected after NoHandle");
+    assert_ne!(live.handle(), h);
+
+    // A stale handle is refused with NoHandle.
+    let stale = raw
+        .call(&PoolRequest::Cont {
+            handle: h,
+            req: cont_svc::ContRequest::List,
+        })
+        .await;
+    assert!(
+        matches!(stale, Err(ClientError::Service(PoolError::NoHandle))),
+        "{stale:?}"
+    );
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_evicts_nobody() {
+    let mut sys = system().await;
+    sys.create_pool("p2").await;
+    let pool = sys.connect("p2", Duration::from_secs(3)).await;
+    let h = pool.handle();
+    pool.attr_set("before", b"1").await.unwrap();
+    let info = pool.query().await.unwrap();
+    let old_leader = info.leader;
+    sys.engines[(old_leader - 1) as usize]
+        .take()
+        .unwrap()
+        .shutdown()
+        .await;
+    pool.attr_set("after", b"2").await.unwrap();
+    let info2 = pool.query().await.unwrap();
+    assert_ne!(info2.leader, old_leader);
+    assert!(info2.term > info.term);
+    assert_eq!(pool.handle(), h, "the handle survived the failover");
+    assert_eq!(pool.reconnects(), 0);
+    ContClient::new(&pool)
+        .create("after-failover", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        pool.reconnects(),
+        0,
+        "the new leader knew the handle and gave it a fresh lease"
+    );
+    assert_eq!(pool.attr_get("before").await.unwrap(), Some(b"1".to_vec()));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_props_attrs_snapshots_oids_and_two_phase_destroy() {
+    let sys = system().await;
+    sys.create_pool("p3").await;
+    let pool = sys.connect("p3", Duration::from_secs(5)).await;
+    let conts = ContClient::new(&pool);
+
+    // Pool properties and attributes.
+    let v0 = pool.query().await.unwrap().map_version;
+    pool.prop_set("owner", "alice").await.unwrap();
+    assert!(pool
+        .props()
+        .await
+        .unwrap()
+        .contains(&("owner".into(), "alice".into())));
+    assert_eq!(pool.query().await.unwrap().map_version, v0 + 1);
+    pool.attr_set("a", b"x").await.unwrap();
+    pool.attr_set("b", b"y").await.unwrap();
+    assert_eq!(
+        pool.attr_list().await.unwrap(),
+        vec!["a".to_string(), "b".to_string()]
+    );
+
+    conts
+        .create("c1", vec![("layout".into(), "ec".into())])
+        .await
+        .unwrap();
+    let dup = conts.create("c1", vec![]).await;
+    assert!(
+        dup.as_ref()
+            .is_err_and(|e| is_cont_error(e, &ContError::Exists("c1".into()))),
+        "{dup:?}"
+    );
+    let bad = conts.create("no/slash", vec![]).await;
+    assert!(
+        matches!(
+            bad,
+            Err(ClientError::Service(PoolError::Cont(ContError::Invalid(_))))
+        ),
+        "{bad:?}"
+    );
+
+    let ch = conts.open("c1").await.unwrap();
+    // OID ranges never overlap.
+    let (a, n) = conts.alloc_oids(ch, 100).await.unwrap();
+    let (b, _) = conts.alloc_oids(ch, 50).await.unwrap();
+    assert_eq!((a, n), (1, 100));
+    assert_eq!(b, 101);
+    // Snapshot epochs increase.
+    let e1 = conts.snapshot(ch).await.unwrap();
+    let e2 = conts.snapshot(ch).await.unwrap();
+    assert!(e2 > e1);
+    let q = conts.query("c1").await.unwrap();
+    assert_eq!((q.handles, q.snapshots, q.next_oid), (1, 2, 151));
+
+    // Destroy refuses an open container unless forced; forced destroy closes its handles.
+    let busy = conts.destroy("c1", false).await;
+    assert!(
+        matches!(
+            busy,
+            Err(ClientError::Service(PoolError::Cont(ContError::Busy(_, 1))))
+        ),
+        "{busy:?}"
+    );
+    conts.destroy("c1", true).await.unwrap();
+    let gone = conts.open("c1").await;
+    assert!(gone.is_err_and(|e| is_cont_error(&e, &ContError::NotFound("c1".into()))));
+    let closed = conts.alloc_oids(ch, 1).await;
+    assert!(closed.is_err_and(|e| is_cont_error(&e, &ContError::NoHandle)));
+
+    // Evicting the pool handle closes its container handles in the same transaction.
+    conts.create("c2", vec![]).await.unwrap();
+    conts.open("c2").await.unwrap();
+    assert_eq!(conts.query("c2").await.unwrap().handles, 1);
+    sys.raw("p3").call(&PoolRequest::Evict).await.unwrap();
+    assert_eq!(
+        conts.query("c2").await.unwrap().handles,
+        0,
+        "eviction closed the container handle"
+    );
+    assert_eq!(conts.list().await.unwrap().len(), 1);
+    sys.shutdown().await;
+}
