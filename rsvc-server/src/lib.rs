@@ -34,6 +34,7 @@
 //!   until an operator adds one. A flapping engine can cause needless moves.
 //! - No TLS or authentication between engines or from clients.
 
+pub mod cli;
 pub mod config;
 pub mod counter;
 pub mod engine;
