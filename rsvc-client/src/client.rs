@@ -40,11 +40,22 @@ impl Default for ClientConfig {
 /// Where the replicas of an instance are: `(rank, address)` pairs.
 pub type Replicas = Vec<(u32, String)>;
 
+/// Why a [`Locator`] could not say where an instance lives.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LocateError {
+    /// The instance does not exist: retrying will not help.
+    #[error("no such instance: {0}")]
+    NotFound(String),
+    /// The directory could not be asked now.
+    #[error("directory unavailable: {0}")]
+    Unavailable(String),
+}
+
 /// Looks up the replicas of an instance, e.g. by asking the management service.
 #[tonic::async_trait]
 pub trait Locator: Send + Sync + 'static {
     /// The replicas of `class`/`instance`.
-    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, String>;
+    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, LocateError>;
 }
 
 /// A fixed replica list.
@@ -53,7 +64,7 @@ pub struct StaticLocator(pub Replicas);
 
 #[tonic::async_trait]
 impl Locator for StaticLocator {
-    async fn locate(&self, _class: &str, _instance: &str) -> Result<Replicas, String> {
+    async fn locate(&self, _class: &str, _instance: &str) -> Result<Replicas, LocateError> {
         Ok(self.0.clone())
     }
 }
@@ -155,7 +166,7 @@ impl<S: ServiceApi> RsvcClient<S> {
         self.set.lock().expect("lock").leader().map(|h| (h.rank, h.term))
     }
 
-    async fn refresh(&self) -> Result<(), String> {
+    async fn refresh(&self) -> Result<(), LocateError> {
         let replicas = self.locator.locate(S::CLASS, &self.instance).await?;
         tracing::debug!(class = S::CLASS, instance = %self.instance, ?replicas, "refreshed replica list");
         let mut addrs = self.addrs.lock().expect("lock");
@@ -268,8 +279,10 @@ impl<S: ServiceApi> RsvcClient<S> {
             let rank = match chosen {
                 Some(r) => r,
                 None => {
-                    if let Err(e) = self.refresh().await {
-                        last = format!("replica lookup failed: {e}");
+                    match self.refresh().await {
+                        Err(LocateError::NotFound(what)) => return Err(ClientError::NotFound(what)),
+                        Err(e) => last = format!("replica lookup failed: {e}"),
+                        Ok(()) => {}
                     }
                     if self.set.lock().expect("lock").is_empty() {
                         round_failures += 1;

@@ -38,6 +38,9 @@ pub enum ClientError<E> {
     /// The service answered with its own error.
     #[error("service error: {0:?}")]
     Service(E),
+    /// The directory says the instance does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
     /// No replica is known and none could be learned from the management service.
     #[error("no replica of {0} is known")]
     NoReplicas(String),

@@ -35,6 +35,6 @@ pub mod mgmt;
 pub mod wire;
 
 pub use api::ServiceApi;
-pub use client::{ClientConfig, Connections, Locator, Replicas, RsvcClient, StaticLocator};
+pub use client::{ClientConfig, Connections, LocateError, Locator, Replicas, RsvcClient, StaticLocator};
 pub use error::{ClientError, WireError};
 pub use leader::{Hint, ReplicaSet};

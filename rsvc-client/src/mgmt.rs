@@ -9,7 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ServiceApi;
-use crate::client::{ClientConfig, Connections, Locator, Replicas, RsvcClient, StaticLocator};
+use crate::client::{ClientConfig, Connections, LocateError, Locator, Replicas, RsvcClient, StaticLocator};
+use crate::error::ClientError;
 
 /// The management service's class.
 pub const MGMT_CLASS: &str = "mgmt";
@@ -166,15 +167,16 @@ impl MgmtLocator {
 
 #[tonic::async_trait]
 impl Locator for MgmtLocator {
-    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, String> {
+    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, LocateError> {
         let req = MgmtRequest::Locate {
             class: class.to_string(),
             label: instance.to_string(),
         };
         match self.client.call(&req).await {
             Ok(MgmtResponse::Instance(i)) => Ok(i.replicas),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(e.to_string()),
+            Ok(other) => Err(LocateError::Unavailable(format!("unexpected answer {other:?}"))),
+            Err(ClientError::Service(MgmtError::NotFound(what))) => Err(LocateError::NotFound(what)),
+            Err(e) => Err(LocateError::Unavailable(e.to_string())),
         }
     }
 }

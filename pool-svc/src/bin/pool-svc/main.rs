@@ -1,0 +1,463 @@
+//! `pool-svc`: run engines hosting the management and pool services, administer pools, and
+//! watch a failover (`pool-svc demo`).
+//!
+//! Exit codes: 0 success, 1 the service refused (unknown pool, exists, no handle, ...),
+//! 2 bad usage or configuration, 3 nothing reachable within the deadline, 4 out of space.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pool_svc::{PoolApi, PoolClient, PoolRequest, PoolResponse};
+use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtLocator, MgmtRequest, MgmtResponse};
+use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient, WireError};
+use rsvc_server::cli::ServeArgs;
+use rsvc_server::config::parse_access_point;
+use serde::Serialize;
+
+mod demo;
+
+#[derive(Parser, Debug)]
+#[command(name = "pool-svc", about = "DAOS-style pool service on rsvc", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Where the system is, and how to print.
+#[derive(clap::Args, Debug, Clone)]
+struct Target {
+    /// Access point, `rank@host:port` (repeat for each).
+    #[arg(
+        long = "access-point",
+        short = 'a',
+        required = true,
+        env = "RSVC_ACCESS_POINTS",
+        value_delimiter = ','
+    )]
+    access_points: Vec<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 15)]
+    timeout: u64,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Runs an engine hosting the management, pool and container services.
+    Serve(ServeArgs),
+    /// System-wide views.
+    System {
+        #[command(subcommand)]
+        cmd: SystemCmd,
+    },
+    /// Pool administration.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Replica management of a pool.
+    Replicas {
+        #[command(subcommand)]
+        cmd: ReplicaCmd,
+    },
+    /// Starts a local 3-engine system, creates a pool, kills its leader under load, and shows
+    /// the client riding over the failover.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum SystemCmd {
+    /// Ranks, addresses, states, and which instances each hosts.
+    Status {
+        #[command(flatten)]
+        t: Target,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCmd {
+    /// Creates a pool with N service replicas.
+    Create {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+    },
+    /// Lists pools.
+    List {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Describes a pool: replicas, leader, term, handles, containers.
+    Query {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+    },
+    /// Destroys a pool and its containers.
+    Destroy {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+    },
+    /// Connects (opens a handle), prints it, and disconnects.
+    Connect {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+    },
+    /// Sets a user attribute.
+    SetAttr {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+        name: String,
+        value: String,
+    },
+    /// Reads a user attribute.
+    GetAttr {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+        name: String,
+    },
+    /// Evicts every handle of a pool.
+    Evict {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaCmd {
+    /// Adds a replica on a rank.
+    Add {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        rank: u32,
+    },
+    /// Removes the replica on a rank.
+    Remove {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        rank: u32,
+    },
+}
+
+/// A failure with the exit code it maps to.
+struct Fail(u8, String);
+
+impl<E: std::fmt::Debug + std::fmt::Display> From<ClientError<E>> for Fail {
+    fn from(e: ClientError<E>) -> Self {
+        let code = match &e {
+            ClientError::Service(_)
+            | ClientError::NotFound(_)
+            | ClientError::Wire(WireError::NoHandle | WireError::Stale) => 1,
+            ClientError::Wire(WireError::NoSpace) => 4,
+            ClientError::Wire(WireError::Invalid(_)) | ClientError::Codec(_) => 2,
+            ClientError::Deadline { .. } | ClientError::NoReplicas(_) | ClientError::Wire(_) => 3,
+        };
+        let msg = match &e {
+            // The service's own words, not its debug form.
+            ClientError::Service(inner) => inner.to_string(),
+            other => other.to_string(),
+        };
+        Fail(code, msg)
+    }
+}
+
+impl From<String> for Fail {
+    fn from(e: String) -> Self {
+        Fail(2, e)
+    }
+}
+
+fn access_points(t: &Target) -> Result<Vec<(u32, String)>, Fail> {
+    t.access_points
+        .iter()
+        .map(|s| parse_access_point(s))
+        .collect::<Result<_, _>>()
+        .map_err(Fail::from)
+}
+
+fn cfg(t: &Target) -> ClientConfig {
+    ClientConfig {
+        deadline: Duration::from_secs(t.timeout),
+        ..ClientConfig::default()
+    }
+}
+
+fn mgmt(t: &Target) -> Result<RsvcClient<MgmtApi>, Fail> {
+    Ok(mgmt_client(access_points(t)?, Connections::default(), cfg(t)))
+}
+
+fn pool_rpc(t: &Target, label: &str) -> Result<RsvcClient<PoolApi>, Fail> {
+    let conns = Connections::default();
+    let loc = Arc::new(MgmtLocator::new(access_points(t)?, conns.clone()));
+    Ok(RsvcClient::new(label, loc, conns, cfg(t)))
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    );
+}
+
+/// An instance as JSON (the 128-bit database id as hex: JSON numbers stop at 64 bits).
+fn instance_json(i: &rsvc_client::mgmt::InstanceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "class": i.class,
+        "label": i.label,
+        "db": format!("{:032x}", i.db),
+        "replicas": i.replicas.iter().map(|(r, a)| serde_json::json!({ "rank": r, "addr": a })).collect::<Vec<_>>(),
+        "generations": i.gens.iter().map(|(r, g)| serde_json::json!({ "rank": r, "gen": g })).collect::<Vec<_>>(),
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    match cli.cmd {
+        Cmd::Serve(args) => rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
+            .await
+            .map_err(Fail::from),
+        Cmd::Demo(args) => demo::run(args).await.map_err(|e| Fail(1, e)),
+        Cmd::System {
+            cmd: SystemCmd::Status { t },
+        } => {
+            let m = mgmt(&t)?;
+            let MgmtResponse::Map(ranks) = m.call(&MgmtRequest::SystemMap).await? else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            let MgmtResponse::Instances(insts) = m.call(&MgmtRequest::ListInstances { class: None }).await?
+            else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            if t.json {
+                let insts: Vec<_> = insts.iter().map(instance_json).collect();
+                print_json(&serde_json::json!({ "ranks": ranks, "instances": insts }));
+                return Ok(());
+            }
+            println!("{:<6} {:<22} {:<9} INSTANCES", "RANK", "ADDRESS", "STATE");
+            for r in &ranks {
+                let hosted: Vec<String> = insts
+                    .iter()
+                    .filter(|i| i.replicas.iter().any(|(x, _)| *x == r.rank))
+                    .map(|i| format!("{}/{}", i.class, i.label))
+                    .collect();
+                println!(
+                    "{:<6} {:<22} {:<9} {}",
+                    r.rank,
+                    r.addr,
+                    format!("{:?}", r.state),
+                    hosted.join(" ")
+                );
+            }
+            Ok(())
+        }
+        Cmd::Pool { cmd } => pool_cmd(cmd).await,
+        Cmd::Replicas { cmd } => {
+            let (t, req) = match cmd {
+                ReplicaCmd::Add { t, label, rank } => (
+                    t,
+                    MgmtRequest::AddReplica {
+                        class: "pool".into(),
+                        label,
+                        rank,
+                    },
+                ),
+                ReplicaCmd::Remove { t, label, rank } => (
+                    t,
+                    MgmtRequest::RemoveReplica {
+                        class: "pool".into(),
+                        label,
+                        rank,
+                    },
+                ),
+            };
+            let r = mgmt(&t)?.call(&req).await?;
+            if let (true, MgmtResponse::Instance(i)) = (t.json, &r) {
+                print_json(&instance_json(i));
+            } else if let MgmtResponse::Instance(i) = r {
+                let ranks: Vec<String> = i.replicas.iter().map(|(r, _)| r.to_string()).collect();
+                println!("pool {} now has replicas on ranks {}", i.label, ranks.join(","));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
+    match cmd {
+        PoolCmd::Create { t, label, replicas } => {
+            let r = mgmt(&t)?
+                .call(&MgmtRequest::CreateInstance {
+                    class: "pool".into(),
+                    label,
+                    replicas,
+                })
+                .await?;
+            if let (true, MgmtResponse::Instance(i)) = (t.json, &r) {
+                print_json(&instance_json(i));
+            } else if let MgmtResponse::Instance(i) = r {
+                let ranks: Vec<String> = i.replicas.iter().map(|(r, a)| format!("{r}@{a}")).collect();
+                println!("created pool {} with replicas on {}", i.label, ranks.join(" "));
+            }
+            Ok(())
+        }
+        PoolCmd::List { t } => {
+            let MgmtResponse::Instances(is) = mgmt(&t)?
+                .call(&MgmtRequest::ListInstances {
+                    class: Some("pool".into()),
+                })
+                .await?
+            else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            if t.json {
+                print_json(&is.iter().map(instance_json).collect::<Vec<_>>());
+                return Ok(());
+            }
+            println!("{:<20} REPLICAS", "LABEL");
+            for i in is {
+                let ranks: Vec<String> = i.replicas.iter().map(|(r, _)| r.to_string()).collect();
+                println!("{:<20} {}", i.label, ranks.join(","));
+            }
+            Ok(())
+        }
+        PoolCmd::Query { t, label } => {
+            let PoolResponse::Info(i) = pool_rpc(&t, &label)?.call(&PoolRequest::Query).await? else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            if t.json {
+                print_json(&i);
+                return Ok(());
+            }
+            let reps: Vec<String> = i.replicas.iter().map(u32::to_string).collect();
+            println!("label        {}", i.label);
+            println!("replicas     {}", reps.join(","));
+            println!("leader       rank {} (term {})", i.leader, i.term);
+            println!("handles      {}", i.handles);
+            println!("containers   {}", i.containers);
+            println!("map version  {}", i.map_version);
+            Ok(())
+        }
+        PoolCmd::Destroy { t, label } => {
+            mgmt(&t)?
+                .call(&MgmtRequest::DestroyInstance {
+                    class: "pool".into(),
+                    label: label.clone(),
+                })
+                .await?;
+            if t.json {
+                print_json(&serde_json::json!({ "destroyed": label }));
+            } else {
+                println!("destroyed pool {label}");
+            }
+            Ok(())
+        }
+        PoolCmd::Connect { t, label } => {
+            let conns = Connections::default();
+            let loc = Arc::new(MgmtLocator::new(access_points(&t)?, conns.clone()));
+            let p = PoolClient::connect(
+                &label,
+                loc,
+                conns,
+                cfg(&t),
+                "pool-svc-cli",
+                Duration::from_secs(10),
+            )
+            .await?;
+            let h = hex(&p.handle());
+            p.disconnect().await?;
+            if t.json {
+                print_json(&serde_json::json!({ "pool": label, "handle": h, "disconnected": true }));
+            } else {
+                println!("connected to pool {label} with handle {h}, then disconnected");
+            }
+            Ok(())
+        }
+        PoolCmd::SetAttr {
+            t,
+            label,
+            name,
+            value,
+        } => {
+            pool_rpc(&t, &label)?
+                .call(&PoolRequest::AttrSet {
+                    name,
+                    value: value.into_bytes(),
+                })
+                .await?;
+            Ok(())
+        }
+        PoolCmd::GetAttr { t, label, name } => {
+            let PoolResponse::Attr(v) = pool_rpc(&t, &label)?
+                .call(&PoolRequest::AttrGet { name: name.clone() })
+                .await?
+            else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            match v {
+                Some(v) if t.json => {
+                    print_json(&serde_json::json!({ "name": name, "value": String::from_utf8_lossy(&v) }))
+                }
+                Some(v) => println!("{}", String::from_utf8_lossy(&v)),
+                None => return Err(Fail(1, format!("pool {label} has no attribute {name:?}"))),
+            }
+            Ok(())
+        }
+        PoolCmd::Evict { t, label } => {
+            let PoolResponse::Evicted(n) = pool_rpc(&t, &label)?.call(&PoolRequest::Evict).await? else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            if t.json {
+                print_json(&serde_json::json!({ "evicted": n }));
+            } else {
+                println!("evicted {n} handle(s)");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    rsvc_server::cli::init_logging();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pool-svc: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("pool-svc: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
