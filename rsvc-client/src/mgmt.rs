@@ -79,6 +79,13 @@ pub enum MgmtRequest {
     AddReplica { class: String, label: String, rank: u32 },
     /// Removes the replica on `rank` from the group and destroys it if its engine answers.
     RemoveReplica { class: String, label: String, rank: u32 },
+    /// Hands the instance's leadership to the replica on `to_rank` (`None`: the most
+    /// caught-up one); answers with the instance, whose first replica is then the new leader.
+    TransferLeader {
+        class: String,
+        label: String,
+        to_rank: Option<u32>,
+    },
     /// Where an instance lives.
     Locate { class: String, label: String },
     /// Every instance, optionally of one class.
@@ -96,6 +103,8 @@ pub enum MgmtResponse {
     Instance(InstanceInfo),
     /// Several instances.
     Instances(Vec<InstanceInfo>),
+    /// The rank that leads an instance after a transfer.
+    Leader(u32),
 }
 
 /// Errors of the management service.

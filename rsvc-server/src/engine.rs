@@ -548,6 +548,40 @@ impl pb::peer_server::Peer for PeerSvc {
         }
     }
 
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        let r = req.into_inner();
+        if r.cluster != self.0.inner.cluster {
+            return Err(Status::permission_denied("wrong cluster"));
+        }
+        let host = self
+            .0
+            .host(&r.class, &r.instance)
+            .ok_or_else(|| Status::not_found("no such replica here"))?;
+        if host.db.up_term().is_none() {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        let to = if r.to_rank == 0 {
+            host.db
+                .transfer_target()
+                .ok_or_else(|| Status::failed_precondition("no other voter"))?
+        } else {
+            host.db
+                .status()
+                .voters
+                .into_iter()
+                .find(|v| v.rank == r.to_rank)
+                .ok_or_else(|| Status::invalid_argument(format!("rank {} holds no voter", r.to_rank)))?
+        };
+        host.db
+            .transfer_leadership(to, TRANSFER_TIMEOUT)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::TransferLeaderReply { new_leader: to.rank }))
+    }
+
     async fn change_replicas(
         &self,
         req: Request<pb::ChangeReplicasRequest>,

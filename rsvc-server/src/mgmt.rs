@@ -335,6 +335,28 @@ impl MgmtInner {
         Ok(MgmtResponse::Instance(info))
     }
 
+    /// Asks whichever replica of `info` leads to hand leadership to `to_rank` (0: any).
+    async fn transfer(&self, info: &InstanceInfo, to_rank: u32) -> Result<u32, String> {
+        let mut last = String::from("no replica answered");
+        for (rank, addr) in &info.replicas {
+            let Ok(mut peer) = self.peers.peer(addr) else {
+                continue;
+            };
+            let req = pb::TransferLeaderRequest {
+                cluster: self.cluster.clone(),
+                class: info.class.clone(),
+                instance: info.label.clone(),
+                to_rank,
+            };
+            match peer.transfer_leader(req).await {
+                Ok(r) => return Ok(r.into_inner().new_leader),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s.message().to_string()),
+                Err(s) => last = format!("rank {rank}: {}", s.message()),
+            }
+        }
+        Err(last)
+    }
+
     /// Asks whichever replica of `info` leads to add or remove a member.
     async fn change_replicas(
         &self,
@@ -563,6 +585,20 @@ impl ReplicatedService for Mgmt {
                 }
                 ctx.tx.delete(&instances(), key.into_bytes());
                 Ok(MgmtResponse::Ok)
+            }
+            MgmtRequest::TransferLeader {
+                class,
+                label,
+                to_rank,
+            } => {
+                let key = format!("{class}/{label}");
+                let info = MgmtInner::instance(&mut ctx.tx, &key)
+                    .await?
+                    .ok_or(MgmtError::NotFound(key))?;
+                self.transfer(&info, to_rank.unwrap_or(0))
+                    .await
+                    .map(MgmtResponse::Leader)
+                    .map_err(MgmtError::StartFailed)
             }
             MgmtRequest::AddReplica { class, label, rank } => self.add_replica(ctx, class, label, rank).await,
             MgmtRequest::RemoveReplica { class, label, rank } => {

@@ -132,6 +132,16 @@ enum PoolCmd {
         label: String,
         name: String,
     },
+    /// Hands leadership of a pool's service to another replica (the most caught-up one, or
+    /// `--to`), without an election timeout.
+    TransferLeader {
+        #[command(flatten)]
+        t: Target,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        to: Option<u32>,
+    },
     /// Evicts every handle of a pool.
     Evict {
         #[command(flatten)]
@@ -234,6 +244,31 @@ fn instance_json(i: &rsvc_client::mgmt::InstanceInfo) -> serde_json::Value {
     })
 }
 
+/// Who leads an instance, and in which term: the newest hint any replica gives to a probe.
+async fn leader_of(i: &rsvc_client::mgmt::InstanceInfo) -> Option<(u32, u64)> {
+    use rsvc_client::wire::{hint_of, pb};
+    let conns = Connections::default();
+    let mut best: Option<(u32, u64)> = None;
+    for (_, addr) in &i.replicas {
+        let Ok(mut c) = conns.get(addr) else { continue };
+        let req = pb::CallRequest {
+            class: i.class.clone(),
+            instance: i.label.clone(),
+            probe: true,
+            ..Default::default()
+        };
+        let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), c.call(req)).await else {
+            continue;
+        };
+        if let Some(h) = hint_of(reply.into_inner().hint.as_ref()) {
+            if best.is_none_or(|(_, t)| h.hint.term > t) {
+                best = Some((h.hint.rank, h.hint.term));
+            }
+        }
+    }
+    best
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -255,8 +290,21 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             else {
                 return Err(Fail(2, "unexpected answer".into()));
             };
+            let mut leaders = Vec::new();
+            for i in &insts {
+                leaders.push(leader_of(i).await);
+            }
             if t.json {
-                let insts: Vec<_> = insts.iter().map(instance_json).collect();
+                let insts: Vec<_> = insts
+                    .iter()
+                    .zip(&leaders)
+                    .map(|(i, l)| {
+                        let mut v = instance_json(i);
+                        v["leader"] = serde_json::json!(l.map(|(r, _)| r));
+                        v["term"] = serde_json::json!(l.map(|(_, t)| t));
+                        v
+                    })
+                    .collect();
                 print_json(&serde_json::json!({ "ranks": ranks, "instances": insts }));
                 return Ok(());
             }
@@ -426,6 +474,22 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
                 }
                 Some(v) => println!("{}", String::from_utf8_lossy(&v)),
                 None => return Err(Fail(1, format!("pool {label} has no attribute {name:?}"))),
+            }
+            Ok(())
+        }
+        PoolCmd::TransferLeader { t, label, to } => {
+            let req = MgmtRequest::TransferLeader {
+                class: "pool".into(),
+                label: label.clone(),
+                to_rank: to,
+            };
+            let MgmtResponse::Leader(r) = mgmt(&t)?.call(&req).await? else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            if t.json {
+                print_json(&serde_json::json!({ "pool": label, "leader": r }));
+            } else {
+                println!("pool {label} is now led by rank {r}");
             }
             Ok(())
         }
