@@ -32,6 +32,20 @@ pub struct ContMeta {
     pub created_ms: u64,
 }
 
+/// The plain values of an iteration as UTF-8 (lossy) name/value pairs; child KVSs are skipped.
+pub fn string_pairs(entries: Vec<(Vec<u8>, Value)>) -> Vec<(String, String)> {
+    entries
+        .into_iter()
+        .filter_map(|(k, v)| match v {
+            Value::Bytes(b) => Some((
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&b).into_owned(),
+            )),
+            Value::Kvs(_) => None,
+        })
+        .collect()
+}
+
 fn storage(e: impl std::fmt::Display) -> ContError {
     ContError::Storage(e.to_string())
 }
@@ -238,17 +252,7 @@ pub async fn handle(
                 .iterate(&cont(&label).child("props"), .., usize::MAX)
                 .await
                 .map_err(storage)?;
-            Ok(ContResponse::Props(
-                all.into_iter()
-                    .filter_map(|(k, v)| match v {
-                        Value::Bytes(b) => Some((
-                            String::from_utf8_lossy(&k).into_owned(),
-                            String::from_utf8_lossy(&b).into_owned(),
-                        )),
-                        Value::Kvs(_) => None,
-                    })
-                    .collect(),
-            ))
+            Ok(ContResponse::Props(string_pairs(all)))
         }
         ContRequest::PropSet { label, name, value } => {
             live_meta(tx, &label).await?;

@@ -287,17 +287,7 @@ impl ReplicatedService for PoolService {
             }
             PoolRequest::PropGet => {
                 let all = tx.iterate(&props(), .., usize::MAX).await.map_err(storage)?;
-                Ok(PoolResponse::Props(
-                    all.into_iter()
-                        .filter_map(|(k, v)| match v {
-                            Value::Bytes(b) => Some((
-                                String::from_utf8_lossy(&k).into_owned(),
-                                String::from_utf8_lossy(&b).into_owned(),
-                            )),
-                            Value::Kvs(_) => None,
-                        })
-                        .collect(),
-                ))
+                Ok(PoolResponse::Props(cstore::string_pairs(all)))
             }
             PoolRequest::PropSet { name, value } => {
                 if name == "map_version" {

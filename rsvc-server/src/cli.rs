@@ -128,3 +128,26 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Runs a binary's async `main` on a fresh runtime with logging set up; an error `(code, msg)`
+/// is printed as `<name>: msg` and becomes the exit code.
+pub fn run_main<F>(name: &str, main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), (u8, String)>>,
+{
+    init_logging();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err((code, msg)) => {
+            eprintln!("{name}: {msg}");
+            std::process::ExitCode::from(code)
+        }
+    }
+}

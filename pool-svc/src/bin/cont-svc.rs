@@ -238,19 +238,5 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    rsvc_server::cli::init_logging();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cont-svc: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err((code, msg)) => {
-            eprintln!("cont-svc: {msg}");
-            ExitCode::from(code)
-        }
-    }
+    rsvc_server::cli::run_main("cont-svc", run(cli))
 }

@@ -194,19 +194,5 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    rsvc_server::cli::init_logging();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("rsvc-engine: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rsvc-engine: {e}");
-            ExitCode::from(2)
-        }
-    }
+    rsvc_server::cli::run_main("rsvc-engine", async { run(cli).await.map_err(|e| (2, e)) })
 }

@@ -509,19 +509,5 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    rsvc_server::cli::init_logging();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pool-svc: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Fail(code, msg)) => {
-            eprintln!("pool-svc: {msg}");
-            ExitCode::from(code)
-        }
-    }
+    rsvc_server::cli::run_main("pool-svc", async { run(cli).await.map_err(|Fail(c, m)| (c, m)) })
 }
