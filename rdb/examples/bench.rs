@@ -43,6 +43,12 @@ struct Args {
     /// runs on tokio's blocking pool).
     #[arg(long)]
     single_thread: bool,
+    /// Serve reads with a ReadIndex round each instead of the leader lease.
+    #[arg(long)]
+    no_lease_reads: bool,
+    /// Concurrent readers in the read phase (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    readers: usize,
     /// A short smoke run.
     #[arg(long)]
     quick: bool,
@@ -103,6 +109,40 @@ fn redb_floor(dir: &std::path::Path, dur: Duration, bytes: usize) -> Result<Floo
         per_sec: n as f64 / start.elapsed().as_secs_f64(),
         p50_us: h.value_at_quantile(0.5),
     })
+}
+
+/// Readers looking up keys the writers wrote, each in its own transaction.
+async fn run_readers(db: &Db, readers: usize, dur: Duration) -> Run {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..readers {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            let mut i = 0u64;
+            while start.elapsed() < dur {
+                let t = Instant::now();
+                let mut tx = db.begin(None).expect("leader");
+                let key = format!("w{}-{}", w % 16, i % 100);
+                tx.lookup(&Path::root(), key.as_bytes()).await.expect("read");
+                h.record(t.elapsed().as_micros() as u64).ok();
+                i += 1;
+            }
+            h
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3).expect("histogram");
+    for t in tasks {
+        all.add(t.await.expect("reader")).ok();
+    }
+    Run {
+        writers: readers,
+        commits: all.len(),
+        per_sec: all.len() as f64 / start.elapsed().as_secs_f64(),
+        p50_us: all.value_at_quantile(0.5),
+        p99_us: all.value_at_quantile(0.99),
+        entries: 0,
+    }
 }
 
 struct Run {
@@ -204,6 +244,7 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(n) = args.inflight {
         config.max_inflight_batches = n;
     }
+    config.lease_reads = !args.no_lease_reads;
     let mut dbs = Vec::new();
     for rank in 1..=args.replicas {
         let dir = tmp.path().join(format!("r{rank}"));
@@ -240,6 +281,22 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             r.p99_us as f64 / 1000.0,
             r.p50_us as f64 / floor.p50_us.max(1) as f64,
             r.commits as f64 / r.entries.max(1) as f64,
+        );
+    }
+    if args.readers > 0 {
+        let r = run_readers(&dbs[0], args.readers, dur).await;
+        println!();
+        println!(
+            "reads ({}): {} readers, {:.0} reads/s, p50 {:.3} ms, p99 {:.3} ms",
+            if args.no_lease_reads {
+                "ReadIndex per read"
+            } else {
+                "leader lease"
+            },
+            args.readers,
+            r.per_sec,
+            r.p50_us as f64 / 1000.0,
+            r.p99_us as f64 / 1000.0
         );
     }
     for db in &dbs {

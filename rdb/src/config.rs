@@ -43,6 +43,10 @@ pub struct DbConfig {
     /// A leader that has not heard from a quorum for this long reports itself down and gives up
     /// leadership. Must not exceed the minimum election timeout.
     pub quorum_timeout: Duration,
+    /// Serve queries under a leader lease of half the minimum election timeout, counted from
+    /// the last quorum confirmation, instead of a ReadIndex round per transaction. See the
+    /// crate docs for why that is safe.
+    pub lease_reads: bool,
 }
 
 impl Default for DbConfig {
@@ -64,6 +68,7 @@ impl Default for DbConfig {
             max_critical_ops: 8,
             free_space_cache: Duration::from_millis(250),
             quorum_timeout: Duration::from_millis(1000),
+            lease_reads: true,
         }
     }
 }
@@ -101,6 +106,11 @@ impl DbConfig {
             return Err("batch limits must be positive".into());
         }
         Ok(())
+    }
+
+    /// How long a quorum confirmation lets the leader answer reads on its own.
+    pub(crate) fn read_lease(&self) -> Duration {
+        self.election_timeout.0 / 2
     }
 
     pub(crate) fn raft_config(&self, cluster: &str) -> openraft::Config {

@@ -138,6 +138,10 @@ pub(crate) struct Inner {
     commits: AtomicU64,
     /// For messages rdb sends outside openraft (leadership transfer).
     transport: Arc<dyn Transport>,
+    /// The read lease: (term, valid until). Set by the watcher after each quorum proof.
+    lease: Arc<Mutex<Option<(u64, Instant)>>>,
+    /// When this replica started; it grants no vote for `election_timeout_max` after.
+    started: Instant,
 }
 
 /// One replica of a replicated database. Cheap to clone.
@@ -212,6 +216,7 @@ impl Db {
         let (batch_tx, batch_rx) = mpsc::channel(opts.config.max_batch_txs * 4);
         let (shutdown, _) = watch::channel(false);
         let resign_until = Arc::new(Mutex::new(None));
+        let lease = Arc::new(Mutex::new(None));
         let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
         let inner = Arc::new(Inner {
             ident,
@@ -230,16 +235,19 @@ impl Db {
             resign_until: resign_until.clone(),
             commits: AtomicU64::new(0),
             transport: opts.transport.clone(),
+            lease: lease.clone(),
+            started: Instant::now(),
         });
-        let watcher = tokio::spawn(watch_leadership(
-            raft.clone(),
-            opts.config.clone(),
-            up_tx,
-            ev_tx,
-            inner.shutdown.subscribe(),
+        let watcher = tokio::spawn(watch_leadership(Watch {
+            raft: raft.clone(),
+            cfg: opts.config.clone(),
+            up: up_tx,
+            events: ev_tx,
+            shutdown: inner.shutdown.subscribe(),
             resign_until,
-            ident.replica,
-        ));
+            me: ident.replica,
+            lease,
+        }));
         let batcher = tokio::spawn(run_batcher(
             raft,
             opts.config.clone(),
@@ -395,6 +403,17 @@ impl Db {
     pub(crate) async fn ensure_linearizable(&self, term: u64) -> Result<()> {
         if self.up_term() != Some(term) {
             return Err(self.not_leader());
+        }
+        // Within the lease no other leader can exist (see the crate docs), and everything
+        // acknowledged before now is applied here: serve from local state.
+        let leased = self
+            .inner
+            .lease
+            .lock()
+            .expect("lock")
+            .is_some_and(|(t, until)| t == term && Instant::now() < until);
+        if leased {
+            return Ok(());
         }
         let res = tokio::time::timeout(
             self.inner.config.quorum_timeout,
@@ -771,6 +790,13 @@ impl Db {
         if *self.inner.shutdown.borrow() {
             return Err(Refusal::Stopped);
         }
+        // NB: a replica that just started does not remember which leader it promised, by
+        // following it, not to replace: it grants no vote for a maximum election timeout. That
+        // keeps the old leader's read lease (half a minimum election timeout) safe across a
+        // follower restart.
+        if rpc.kind == RpcKind::Vote && self.inner.started.elapsed() < self.inner.config.election_timeout.1 {
+            return Err(Refusal::Starting);
+        }
         let raft = &self.inner.raft;
         let bad = |e: codec::CodecError| Refusal::Malformed(e.to_string());
         let reply = match rpc.kind {
@@ -884,16 +910,31 @@ async fn run_batcher(
     }
 }
 
-/// Turns openraft's metrics into [`LeaderEvent`]s; see `leadership.rs`.
-async fn watch_leadership(
+/// What the leadership watcher works with.
+struct Watch {
     raft: Raft,
     cfg: DbConfig,
+    /// Publishes the term this replica serves as leader in.
     up: watch::Sender<Option<u64>>,
     events: mpsc::UnboundedSender<LeaderEvent>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     resign_until: Arc<Mutex<Option<Instant>>>,
     me: ReplicaId,
-) {
+    lease: Arc<Mutex<Option<(u64, Instant)>>>,
+}
+
+/// Turns openraft's metrics into [`LeaderEvent`]s; see `leadership.rs`.
+async fn watch_leadership(w: Watch) {
+    let Watch {
+        raft,
+        cfg,
+        up,
+        events,
+        mut shutdown,
+        resign_until,
+        me,
+        lease,
+    } = w;
     let mut metrics = raft.metrics();
     let mut alt = Alternator::default();
     // When the last successful quorum proof was *issued*: a quorum followed us at or after it.
@@ -903,7 +944,12 @@ async fn watch_leadership(
     let mut resigned = false;
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lease_on_emit = lease.clone();
     let emit = |alt: &mut Alternator, want: Option<u64>| {
+        if want.is_none() {
+            // No lease survives a step-down.
+            *lease_on_emit.lock().expect("lock") = None;
+        }
         for ev in alt.transition(want) {
             match ev {
                 LeaderEvent::StepUp { term } => tracing::info!(replica = %me, term, "step up"),
@@ -980,6 +1026,9 @@ async fn watch_leadership(
             if ok && leader_term(&raft.metrics().borrow()) == Some(t) {
                 confirmed_at = issued;
                 emit(&mut alt, Some(t));
+                if cfg.lease_reads {
+                    *lease.lock().expect("lock") = Some((t, issued + cfg.read_lease()));
+                }
             }
         }
         if alt.up() == Some(t) && confirmed_at.elapsed() > cfg.quorum_timeout {

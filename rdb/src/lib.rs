@@ -32,9 +32,19 @@
 //!
 //! ## READS AND LEADERSHIP
 //!
-//! A query's first read in a transaction performs a ReadIndex round (`ensure_linearizable`): a
-//! quorum confirms the leader, and the state machine catches up to the commit index, so a
-//! deposed leader can never answer from stale state. Leadership is reported as a strictly
+//! A leader answers queries only while it can prove that no other leader exists. The proof is
+//! a lease: the watcher confirms a quorum every heartbeat (a ReadIndex round), and for half a
+//! minimum election timeout after a confirmation was *issued*, reads are served from local
+//! state. That is safe for three reasons:
+//! - openraft followers refuse votes for `election_timeout_max` after they last heard from
+//!   their leader;
+//! - a restarted replica, which forgot whom it followed, grants no vote for
+//!   `election_timeout_max` after it starts;
+//! - every write acknowledged before the read is applied on this leader, since a leader steps
+//!   up only after applying its whole log, and acknowledges only after applying.
+//!
+//! Outside the lease, the first query of a transaction pays a ReadIndex round itself.
+//! `DbConfig::lease_reads = false` always pays it. Leadership is reported as a strictly
 //! alternating stream of [`LeaderEvent`]s. A StepUp comes only after such a round succeeded in
 //! the new term (so the term's first entry is applied). A leader that cannot reach a quorum for
 //! `quorum_timeout` reports StepDown and starts an election to shed its openraft leadership,
@@ -62,7 +72,10 @@
 //!
 //! ## CAVEATS
 //!
-//! - Reads always pay a ReadIndex round trip; there are no lease reads yet.
+//! - Lease reads assume that clock rates on the replicas differ by far less than 2x. A
+//!   replica's monotonic clock that runs much slower than its peers' could outlive the lease.
+//! - After a whole-group restart, the first election waits one maximum election timeout (no
+//!   votes are granted before that).
 //! - An I/O error (ENOSPC included) while writing the log or state machine stops the replica
 //!   (openraft treats storage errors as fatal). It loses nothing that was acknowledged; it must
 //!   be restarted once the disk is fixed, and catches up from its peers.

@@ -68,6 +68,9 @@ pub enum Refusal {
     /// The replica is not running.
     #[error("replica stopped")]
     Stopped,
+    /// The replica started too recently to grant votes.
+    #[error("replica starting; no votes yet")]
+    Starting,
     /// The payload could not be decoded.
     #[error("malformed message: {0}")]
     Malformed(String),
