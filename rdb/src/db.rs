@@ -255,6 +255,27 @@ impl Db {
             inner.shutdown.subscribe(),
         ));
         inner.tasks.lock().expect("lock").extend([watcher, batcher]);
+        // NB: a replica that just started grants no votes for election_timeout_max (see
+        // handle_rpc); it does not campaign then either, or candidates that cannot win would
+        // inflate the term and depose whoever wins next.
+        inner.raft.runtime_config().elect(false);
+        {
+            let (raft, hold, mut stop) = (
+                inner.raft.clone(),
+                opts.config.election_timeout.1,
+                inner.shutdown.subscribe(),
+            );
+            let resign_until = inner.resign_until.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(hold) => {}
+                    _ = stop.changed() => return,
+                }
+                if resign_until.lock().expect("lock").is_none() {
+                    raft.runtime_config().elect(true);
+                }
+            });
+        }
         tracing::info!(db = %ident.db, replica = %ident.replica, "started replica");
         Ok(Db { inner })
     }
@@ -304,6 +325,11 @@ impl Db {
 
     /// The term this replica currently serves as leader in.
     pub fn up_term(&self) -> Option<u64> {
+        // A replica that openraft stopped (a storage error) serves nothing, even before the
+        // watcher has reported its step-down.
+        if self.inner.raft.metrics().borrow().running_state.is_err() {
+            return None;
+        }
         *self.inner.up.borrow()
     }
 
@@ -1001,9 +1027,17 @@ async fn watch_leadership(w: Watch) {
         if alt.up().is_some_and(|u| u != t) {
             emit(&mut alt, None);
         }
-        // Prove leadership (again) at most once per heartbeat: a ReadIndex round confirms a
-        // quorum and waits until this term's first entry is applied.
-        if last_probe.is_none_or(|at| at.elapsed() >= cfg.heartbeat) {
+        // Prove leadership (again) every half read lease, so that the lease never lapses under
+        // a leader that keeps its quorum. Each proof is a ReadIndex round: it confirms a quorum
+        // and waits until this term's first entry is applied. NB: openraft's heartbeats run
+        // anyway; these rounds are extra traffic per led group.
+        // Not yet up: try every heartbeat, to step up promptly.
+        let every = if alt.up().is_some() {
+            cfg.heartbeat.max(cfg.read_lease() / 2)
+        } else {
+            cfg.heartbeat
+        };
+        if last_probe.is_none_or(|at| at.elapsed() >= every) {
             let issued = Instant::now();
             last_probe = Some(issued);
             let mut ok = matches!(

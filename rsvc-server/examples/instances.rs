@@ -40,7 +40,9 @@ fn usage() -> (f64, u64) {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let tmp = tempfile::Builder::new().prefix("rsvc-instances-").tempdir_in(".")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("rsvc-instances-")
+        .tempdir_in(".")?;
     let (_, rss0) = usage();
     let mut engines = Vec::new();
     for rank in 1..=3u32 {
@@ -83,7 +85,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("{} instances x 3 replicas created and led in {:.1} s", args.count, t.elapsed().as_secs_f64());
+    println!(
+        "{} instances x 3 replicas created and led in {:.1} s",
+        args.count,
+        t.elapsed().as_secs_f64()
+    );
     let (cpu0, _) = usage();
     let w = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
@@ -91,7 +97,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let secs = w.elapsed().as_secs_f64();
     let cores = (cpu1 - cpu0) / secs;
     println!();
-    println!("| instances | replicas | idle CPU (cores) | CPU per 100 replicas | RSS MiB | RSS per replica KiB |");
+    println!(
+        "| instances | replicas | idle CPU (cores) | CPU per 100 replicas | RSS MiB | RSS per replica KiB |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     let replicas = args.count * 3;
     println!(
