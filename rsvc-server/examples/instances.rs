@@ -16,6 +16,9 @@ use rdb::{DbConfig, DbId};
 use rsvc_server::counter::Counter;
 use rsvc_server::{Engine, EngineConfig, FnFactory, ServiceFactory, State};
 
+/// How often leadership of all instances is checked.
+const POLL: Duration = Duration::from_millis(100);
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Instances to create (each has a replica on every engine).
@@ -83,7 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if t.elapsed() > Duration::from_secs(300) {
             return Err(format!("only {up} of {} instances have a leader", args.count).into());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL).await;
     }
     println!(
         "{} instances x 3 replicas created and led in {:.1} s",

@@ -28,6 +28,8 @@ pub struct DemoArgs {
 }
 
 const POLL: Duration = Duration::from_millis(50);
+/// Finer polling while measuring the failover gap.
+const GAP_POLL: Duration = Duration::from_millis(5);
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// One engine process.
@@ -255,7 +257,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         if kill_at.elapsed() > DEADLINE || writer.is_finished() {
             return Err("no write succeeded after the kill".into());
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(GAP_POLL).await;
     };
     let after_kill = pool.query().await.map_err(|e| e.to_string())?;
     println!(
