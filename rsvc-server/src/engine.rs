@@ -553,16 +553,7 @@ impl pb::peer_server::Peer for PeerSvc {
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
         let r = req.into_inner();
-        if r.cluster != self.0.inner.cluster {
-            return Err(Status::permission_denied("wrong cluster"));
-        }
-        let host = self
-            .0
-            .host(&r.class, &r.instance)
-            .ok_or_else(|| Status::not_found("no such replica here"))?;
-        if host.db.up_term().is_none() {
-            return Err(Status::failed_precondition("not the leader"));
-        }
+        let host = self.leader_host(&r.cluster, &r.class, &r.instance)?;
         let to = if r.to_rank == 0 {
             host.db
                 .transfer_target()
@@ -608,17 +599,23 @@ impl pb::peer_server::Peer for PeerSvc {
 }
 
 impl PeerSvc {
-    async fn change(&self, r: pb::ChangeReplicasRequest) -> Result<(), Status> {
-        if r.cluster != self.0.inner.cluster {
+    /// The replica of `class`/`instance` here, if this system's and leading.
+    fn leader_host(&self, cluster: &str, class: &str, instance: &str) -> Result<Arc<Host>, Status> {
+        if cluster != self.0.inner.cluster {
             return Err(Status::permission_denied("wrong cluster"));
         }
         let host = self
             .0
-            .host(&r.class, &r.instance)
+            .host(class, instance)
             .ok_or_else(|| Status::not_found("no such replica here"))?;
         if host.db.up_term().is_none() {
             return Err(Status::failed_precondition("not the leader"));
         }
+        Ok(host)
+    }
+
+    async fn change(&self, r: pb::ChangeReplicasRequest) -> Result<(), Status> {
+        let host = self.leader_host(&r.cluster, &r.class, &r.instance)?;
         let res = match (r.add, r.remove) {
             (Some(m), None) => {
                 host.db

@@ -240,6 +240,15 @@ impl MgmtInner {
         Ok(out)
     }
 
+    /// The instance `class/label` and its directory key; `NotFound` if there is none.
+    async fn existing(tx: &mut Tx, class: &str, label: &str) -> Result<(String, InstanceInfo), MgmtError> {
+        let key = format!("{class}/{label}");
+        let info = Self::instance(tx, &key)
+            .await?
+            .ok_or_else(|| MgmtError::NotFound(key.clone()))?;
+        Ok((key, info))
+    }
+
     async fn instance(tx: &mut Tx, key: &str) -> Result<Option<InstanceInfo>, MgmtError> {
         match tx.lookup(&instances(), key.as_bytes()).await.map_err(storage)? {
             Some(b) => Ok(Some(postcard::from_bytes(&b).map_err(storage)?)),
@@ -399,10 +408,7 @@ impl MgmtInner {
         label: String,
         rank: u32,
     ) -> Result<MgmtResponse, MgmtError> {
-        let key = format!("{class}/{label}");
-        let mut info = Self::instance(&mut ctx.tx, &key)
-            .await?
-            .ok_or(MgmtError::NotFound(key.clone()))?;
+        let (key, mut info) = Self::existing(&mut ctx.tx, &class, &label).await?;
         if info.replicas.iter().any(|(r, _)| *r == rank) {
             return Err(MgmtError::Invalid(format!("rank {rank} already hosts {key}")));
         }
@@ -445,10 +451,7 @@ impl MgmtInner {
         label: String,
         rank: u32,
     ) -> Result<MgmtResponse, MgmtError> {
-        let key = format!("{class}/{label}");
-        let mut info = Self::instance(&mut ctx.tx, &key)
-            .await?
-            .ok_or(MgmtError::NotFound(key.clone()))?;
+        let (key, mut info) = Self::existing(&mut ctx.tx, &class, &label).await?;
         let Some(pos) = info.replicas.iter().position(|(r, _)| *r == rank) else {
             return Err(MgmtError::Invalid(format!("rank {rank} does not host {key}")));
         };
