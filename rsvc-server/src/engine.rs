@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use rdb::{Db, DbConfig, DbId, Member, ReplicaId, StartOptions};
 use rsvc_client::wire::{self as cwire, pb as cpb};
-use rsvc_client::{ServiceApi, WireError};
+use rsvc_client::WireError;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -633,9 +633,4 @@ impl PeerSvc {
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }
-}
-
-/// The `ServiceApi` class name of `S`, for callers that hold a type.
-pub fn class_of<S: ServiceApi>() -> &'static str {
-    S::CLASS
 }
