@@ -344,61 +344,68 @@ impl MgmtInner {
         Ok(MgmtResponse::Instance(info))
     }
 
-    /// Asks whichever replica of `info` leads to hand leadership to `to_rank` (0: any).
-    async fn transfer(&self, info: &InstanceInfo, to_rank: u32) -> Result<u32, String> {
+    /// Sends `call` to the replicas of `info` until the leader accepts it, for up to `rounds`
+    /// passes over them. A refusal of the request itself (INTERNAL, INVALID_ARGUMENT) ends it;
+    /// "not the leader", busy, unreachable and "no replica here" move on to the next replica.
+    async fn ask_leader<T, F, Fut>(&self, info: &InstanceInfo, rounds: usize, call: F) -> Result<T, String>
+    where
+        F: Fn(pb::peer_client::PeerClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let mut last = String::from("no replica answered");
-        for (rank, addr) in &info.replicas {
-            let Ok(mut peer) = self.peers.peer(addr) else {
-                continue;
-            };
-            let req = pb::TransferLeaderRequest {
-                cluster: self.cluster.clone(),
-                class: info.class.clone(),
-                instance: info.label.clone(),
-                to_rank,
-            };
-            match peer.transfer_leader(req).await {
-                Ok(r) => return Ok(r.into_inner().new_leader),
-                Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s.message().to_string()),
-                Err(s) => last = format!("rank {rank}: {}", s.message()),
+        for round in 0..rounds {
+            if round > 0 {
+                tokio::time::sleep(CHANGE_RETRY).await;
+            }
+            for (rank, addr) in &info.replicas {
+                let Ok(peer) = self.peers.peer(addr) else { continue };
+                match call(peer).await {
+                    Ok(v) => return Ok(v),
+                    Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::InvalidArgument) => {
+                        return Err(format!("rank {rank}: {}", s.message()));
+                    }
+                    Err(s) => last = format!("rank {rank}: {}", s.message()),
+                }
             }
         }
         Err(last)
     }
 
-    /// Asks whichever replica of `info` leads to add or remove a member.
+    /// Asks whichever replica of `info` leads to hand leadership to `to_rank` (0: any).
+    async fn transfer(&self, info: &InstanceInfo, to_rank: u32) -> Result<u32, String> {
+        let req = pb::TransferLeaderRequest {
+            cluster: self.cluster.clone(),
+            class: info.class.clone(),
+            instance: info.label.clone(),
+            to_rank,
+        };
+        self.ask_leader(info, 1, |mut peer| {
+            let req = req.clone();
+            async move { peer.transfer_leader(req).await.map(|r| r.into_inner().new_leader) }
+        })
+        .await
+    }
+
+    /// Asks whichever replica of `info` leads to add or remove a member, retrying while a
+    /// leader is being elected or another membership change is in progress.
     async fn change_replicas(
         &self,
         info: &InstanceInfo,
         add: Option<&Member>,
         remove: Option<(u32, u32)>,
     ) -> Result<(), String> {
-        let mut last = String::from("no replica answered");
-        for _ in 0..50 {
-            for (rank, addr) in &info.replicas {
-                let Ok(mut peer) = self.peers.peer(addr) else {
-                    continue;
-                };
-                let req = pb::ChangeReplicasRequest {
-                    cluster: self.cluster.clone(),
-                    class: info.class.clone(),
-                    instance: info.label.clone(),
-                    add: add.map(wire::member_to),
-                    remove: remove.map(|(rank, gen)| pb::ReplicaRef { rank, gen }),
-                };
-                match peer.change_replicas(req).await {
-                    Ok(_) => return Ok(()),
-                    // The leader refused the change itself: retrying elsewhere will not help.
-                    Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::InvalidArgument) => {
-                        return Err(format!("rank {rank}: {}", s.message()));
-                    }
-                    // Not the leader, busy, down, or no replica there: ask the next one.
-                    Err(s) => last = format!("rank {rank}: {}", s.message()),
-                }
-            }
-            tokio::time::sleep(CHANGE_RETRY).await;
-        }
-        Err(last)
+        let req = pb::ChangeReplicasRequest {
+            cluster: self.cluster.clone(),
+            class: info.class.clone(),
+            instance: info.label.clone(),
+            add: add.map(wire::member_to),
+            remove: remove.map(|(rank, gen)| pb::ReplicaRef { rank, gen }),
+        };
+        self.ask_leader(info, 50, |mut peer| {
+            let req = req.clone();
+            async move { peer.change_replicas(req).await.map(|_| ()) }
+        })
+        .await
     }
 
     async fn add_replica(
