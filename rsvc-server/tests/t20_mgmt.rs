@@ -231,6 +231,32 @@ async fn system_with(
     (engines, aps)
 }
 
+/// Creates counter instance `label` with 3 replicas; returns a management client, the
+/// instance, and a client of it that finds it through the directory.
+async fn counter_instance(
+    aps: &[(u32, String)],
+    label: &str,
+) -> (
+    RsvcClient<rsvc_client::mgmt::MgmtApi>,
+    rsvc_client::mgmt::InstanceInfo,
+    RsvcClient<CounterApi>,
+) {
+    let cfg = ClientConfig {
+        deadline: DEADLINE,
+        ..ClientConfig::default()
+    };
+    let mgmt = mgmt_client(aps.to_vec(), Connections::default(), cfg.clone());
+    let req = MgmtRequest::CreateInstance {
+        class: "counter".into(),
+        label: label.into(),
+        replicas: 3,
+    };
+    let info = instance(mgmt.call(&req).await.unwrap());
+    let locator = Arc::new(MgmtLocator::new(aps.to_vec(), Connections::default()));
+    let c = RsvcClient::new(label, locator, Connections::default(), cfg);
+    (mgmt, info, c)
+}
+
 fn instance(r: MgmtResponse) -> rsvc_client::mgmt::InstanceInfo {
     match r {
         MgmtResponse::Instance(i) => i,
@@ -242,22 +268,7 @@ fn instance(r: MgmtResponse) -> rsvc_client::mgmt::InstanceInfo {
 async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_replaced() {
     let tmp = TempDir::new().unwrap();
     let (mut engines, aps) = system(&tmp, 5).await;
-    let cfg = ClientConfig {
-        deadline: DEADLINE,
-        ..ClientConfig::default()
-    };
-    let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
-    let info = instance(
-        mgmt.call(&MgmtRequest::CreateInstance {
-            class: "counter".into(),
-            label: "beta".into(),
-            replicas: 3,
-        })
-        .await
-        .unwrap(),
-    );
-    let locator = Arc::new(MgmtLocator::new(aps.clone(), Connections::default()));
-    let c: RsvcClient<CounterApi> = RsvcClient::new("beta", locator, Connections::default(), cfg.clone());
+    let (mgmt, info, c) = counter_instance(&aps, "beta").await;
     for _ in 0..5 {
         c.call(&CounterRequest::Add {
             name: "n".into(),
@@ -410,22 +421,7 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
 async fn replicas_move_off_a_dead_engine_by_themselves() {
     let tmp = TempDir::new().unwrap();
     let (mut engines, aps) = system_with(&tmp, 5, Some(Duration::from_secs(2))).await;
-    let cfg = ClientConfig {
-        deadline: DEADLINE,
-        ..ClientConfig::default()
-    };
-    let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
-    let info = instance(
-        mgmt.call(&MgmtRequest::CreateInstance {
-            class: "counter".into(),
-            label: "gamma".into(),
-            replicas: 3,
-        })
-        .await
-        .unwrap(),
-    );
-    let locator = Arc::new(MgmtLocator::new(aps.clone(), Connections::default()));
-    let c: RsvcClient<CounterApi> = RsvcClient::new("gamma", locator, Connections::default(), cfg);
+    let (mgmt, info, c) = counter_instance(&aps, "gamma").await;
     c.call(&CounterRequest::Add {
         name: "n".into(),
         delta: 1,
