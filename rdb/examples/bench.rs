@@ -59,6 +59,23 @@ struct Floor {
     p50_us: u64,
 }
 
+/// Runs `op` back to back for `dur`, timing each call.
+fn timed<E>(dur: Duration, mut op: impl FnMut(u64) -> Result<(), E>) -> Result<Floor, E> {
+    let mut h = Histogram::<u64>::new(3).expect("histogram");
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        let t = Instant::now();
+        op(n)?;
+        h.record(t.elapsed().as_micros() as u64).ok();
+        n += 1;
+    }
+    Ok(Floor {
+        per_sec: n as f64 / start.elapsed().as_secs_f64(),
+        p50_us: h.value_at_quantile(0.5),
+    })
+}
+
 /// Sequential 256-byte write + fdatasync on one file: the rate one durable commit at a time can
 /// never beat.
 fn fsync_floor(dir: &std::path::Path, dur: Duration, bytes: usize) -> std::io::Result<Floor> {
@@ -69,21 +86,12 @@ fn fsync_floor(dir: &std::path::Path, dur: Duration, bytes: usize) -> std::io::R
         .write(true)
         .open(&path)?;
     let buf = vec![0xAB; bytes];
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < dur {
-        let t = Instant::now();
+    let floor = timed(dur, |_| {
         f.write_all(&buf)?;
-        f.sync_data()?;
-        h.record(t.elapsed().as_micros() as u64).ok();
-        n += 1;
-    }
+        f.sync_data()
+    })?;
     std::fs::remove_file(&path)?;
-    Ok(Floor {
-        per_sec: n as f64 / start.elapsed().as_secs_f64(),
-        p50_us: h.value_at_quantile(0.5),
-    })
+    Ok(floor)
 }
 
 /// Sequential durable redb commits of one 256-byte insert each: the storage engine's floor.
@@ -92,39 +100,46 @@ fn redb_floor(dir: &std::path::Path, dur: Duration, bytes: usize) -> Result<Floo
     let path = dir.join("redb-floor.redb");
     let db = redb::Database::create(&path)?;
     let buf = vec![0xAB; bytes];
-    let mut h = Histogram::<u64>::new(3).expect("histogram");
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < dur {
-        let t = Instant::now();
+    let floor = timed(dur, |n| -> Result<(), redb::Error> {
         let tx = db.begin_write()?;
         tx.open_table(T)?.insert(n, buf.as_slice())?;
         tx.commit()?;
-        h.record(t.elapsed().as_micros() as u64).ok();
-        n += 1;
-    }
+        Ok(())
+    })?;
     drop(db);
     std::fs::remove_file(&path)?;
-    Ok(Floor {
-        per_sec: n as f64 / start.elapsed().as_secs_f64(),
-        p50_us: h.value_at_quantile(0.5),
-    })
+    Ok(floor)
 }
 
-/// Readers looking up keys the writers wrote, each in its own transaction.
-async fn run_readers(db: &Db, readers: usize, dur: Duration) -> Run {
+struct Run {
+    /// Concurrent clients.
+    clients: usize,
+    /// Operations completed.
+    ops: u64,
+    per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    /// Log entries the operations took (writes only).
+    entries: u64,
+}
+
+/// Runs `clients` tasks for `dur`, each calling `op(client, i)` back to back, and merges their
+/// latency histograms.
+async fn concurrent<F, Fut>(clients: usize, dur: Duration, op: F) -> Run
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..readers {
-        let db = db.clone();
+    for c in 0..clients {
+        let op = op.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).expect("histogram");
             let mut i = 0u64;
             while start.elapsed() < dur {
                 let t = Instant::now();
-                let mut tx = db.begin(None).expect("leader");
-                let key = format!("w{}-{}", w % 16, i % 100);
-                tx.lookup(&Path::root(), key.as_bytes()).await.expect("read");
+                op(c, i).await;
                 h.record(t.elapsed().as_micros() as u64).ok();
                 i += 1;
             }
@@ -133,11 +148,11 @@ async fn run_readers(db: &Db, readers: usize, dur: Duration) -> Run {
     }
     let mut all = Histogram::<u64>::new(3).expect("histogram");
     for t in tasks {
-        all.add(t.await.expect("reader")).ok();
+        all.add(t.await.expect("client task")).ok();
     }
     Run {
-        writers: readers,
-        commits: all.len(),
+        clients,
+        ops: all.len(),
         per_sec: all.len() as f64 / start.elapsed().as_secs_f64(),
         p50_us: all.value_at_quantile(0.5),
         p99_us: all.value_at_quantile(0.99),
@@ -145,50 +160,35 @@ async fn run_readers(db: &Db, readers: usize, dur: Duration) -> Run {
     }
 }
 
-struct Run {
-    writers: usize,
-    commits: u64,
-    per_sec: f64,
-    p50_us: u64,
-    p99_us: u64,
-    entries: u64,
+/// Readers looking up keys the writers wrote, each in its own transaction.
+async fn run_readers(db: &Db, readers: usize, dur: Duration) -> Run {
+    let db = db.clone();
+    concurrent(readers, dur, move |w, i| {
+        let db = db.clone();
+        async move {
+            let mut tx = db.begin(None).expect("leader");
+            let key = format!("w{}-{}", w % 16, i % 100);
+            tx.lookup(&Path::root(), key.as_bytes()).await.expect("read");
+        }
+    })
+    .await
 }
 
+/// Writers committing one 256-byte update each per transaction.
 async fn run_writers(db: &Db, writers: usize, dur: Duration, value_bytes: usize) -> Run {
     let before = db.status().last_log_index.unwrap_or(0);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let db = db.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).expect("histogram");
-            let value = vec![w as u8; value_bytes];
-            let mut i = 0u64;
-            while start.elapsed() < dur {
-                let t = Instant::now();
-                let mut tx = db.begin(None).expect("leader");
-                tx.update(&Path::root(), format!("w{w}-{i}"), value.clone());
-                tx.commit().await.expect("commit");
-                h.record(t.elapsed().as_micros() as u64).ok();
-                i += 1;
-            }
-            h
-        }));
-    }
-    let mut all = Histogram::<u64>::new(3).expect("histogram");
-    for t in tasks {
-        all.add(t.await.expect("writer")).ok();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let entries = db.status().last_log_index.unwrap_or(0) - before;
-    Run {
-        writers,
-        commits: all.len(),
-        per_sec: all.len() as f64 / secs,
-        p50_us: all.value_at_quantile(0.5),
-        p99_us: all.value_at_quantile(0.99),
-        entries,
-    }
+    let dbc = db.clone();
+    let mut run = concurrent(writers, dur, move |w, i| {
+        let db = dbc.clone();
+        async move {
+            let mut tx = db.begin(None).expect("leader");
+            tx.update(&Path::root(), format!("w{w}-{i}"), vec![w as u8; value_bytes]);
+            tx.commit().await.expect("commit");
+        }
+    })
+    .await;
+    run.entries = db.status().last_log_index.unwrap_or(0) - before;
+    run
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -273,14 +273,14 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for r in &runs {
         println!(
             "| {} | {} | {:.0} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
-            r.writers,
-            r.commits,
+            r.clients,
+            r.ops,
             r.per_sec,
             r.per_sec / floor.per_sec,
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
             r.p50_us as f64 / floor.p50_us.max(1) as f64,
-            r.commits as f64 / r.entries.max(1) as f64,
+            r.ops as f64 / r.entries.max(1) as f64,
         );
     }
     if args.readers > 0 {
