@@ -24,6 +24,8 @@ pub struct ClientConfig {
     pub backoff_base: Duration,
     /// Largest backoff step.
     pub backoff_max: Duration,
+    /// How long establishing a TCP connection to one engine may take.
+    pub connect_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -33,6 +35,7 @@ impl Default for ClientConfig {
             rpc_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -54,8 +57,9 @@ pub enum LocateError {
 /// Looks up the replicas of an instance, e.g. by asking the management service.
 #[tonic::async_trait]
 pub trait Locator: Send + Sync + 'static {
-    /// The replicas of `class`/`instance`.
-    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, LocateError>;
+    /// The replicas of `class`/`instance`, answered before `deadline` (the deadline of the
+    /// call that needs them: a lookup never outlives its caller).
+    async fn locate(&self, class: &str, instance: &str, deadline: Instant) -> Result<Replicas, LocateError>;
 }
 
 /// A fixed replica list.
@@ -64,18 +68,38 @@ pub struct StaticLocator(pub Replicas);
 
 #[tonic::async_trait]
 impl Locator for StaticLocator {
-    async fn locate(&self, _class: &str, _instance: &str) -> Result<Replicas, LocateError> {
+    async fn locate(
+        &self,
+        _class: &str,
+        _instance: &str,
+        _deadline: Instant,
+    ) -> Result<Replicas, LocateError> {
         Ok(self.0.clone())
     }
 }
 
 /// Connections to engines, shared by every client in a process.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Connections {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    connect_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections::with_connect_timeout(ClientConfig::default().connect_timeout)
+    }
 }
 
 impl Connections {
+    /// A connection pool whose TCP connects give up after `connect_timeout`.
+    pub fn with_connect_timeout(connect_timeout: Duration) -> Self {
+        Connections {
+            channels: Arc::default(),
+            connect_timeout,
+        }
+    }
+
     /// A client for the engine at `addr` (host:port), reusing its connection.
     pub fn get(&self, addr: &str) -> Result<pb::rsvc_client::RsvcClient<Channel>, String> {
         let mut m = self.channels.lock().expect("lock");
@@ -84,7 +108,7 @@ impl Connections {
             None => {
                 let ep = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| format!("bad address {addr}: {e}"))?
-                    .connect_timeout(Duration::from_secs(2))
+                    .connect_timeout(self.connect_timeout)
                     .tcp_nodelay(true);
                 let c = ep.connect_lazy();
                 m.insert(addr.to_string(), c.clone());
@@ -166,8 +190,8 @@ impl<S: ServiceApi> RsvcClient<S> {
         self.set.lock().expect("lock").leader().map(|h| (h.rank, h.term))
     }
 
-    async fn refresh(&self) -> Result<(), LocateError> {
-        let replicas = self.locator.locate(S::CLASS, &self.instance).await?;
+    async fn refresh(&self, deadline: Instant) -> Result<(), LocateError> {
+        let replicas = self.locator.locate(S::CLASS, &self.instance, deadline).await?;
         tracing::debug!(class = S::CLASS, instance = %self.instance, ?replicas, "refreshed replica list");
         let mut addrs = self.addrs.lock().expect("lock");
         for (r, a) in &replicas {
@@ -256,10 +280,13 @@ impl<S: ServiceApi> RsvcClient<S> {
         Attempt { rank, outcome }
     }
 
-    /// Sends `req` (already encoded) until a leader answers or the deadline passes.
-    async fn send(&self, mut req: pb::CallRequest) -> Result<Vec<u8>, ClientError<S::Error>> {
+    /// Sends `req` (already encoded) until a leader answers or `deadline` passes.
+    async fn send(
+        &self,
+        mut req: pb::CallRequest,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ClientError<S::Error>> {
         let start = Instant::now();
-        let deadline = start + self.cfg.deadline;
         let mut attempts = 0u32;
         let mut last = String::from("nothing tried");
         let mut round_failures = 0u32;
@@ -269,17 +296,25 @@ impl<S: ServiceApi> RsvcClient<S> {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(ClientError::Deadline {
-                    deadline_ms: self.cfg.deadline.as_millis() as u64,
-                    attempts,
-                    last,
+                return Err(if attempts == 0 {
+                    // Not one replica was tried: the leader search itself ran out of time.
+                    ClientError::NoReplicas {
+                        what: format!("{}/{}", S::CLASS, self.instance),
+                        cause: last,
+                    }
+                } else {
+                    ClientError::Deadline {
+                        deadline_ms: deadline.saturating_duration_since(start).as_millis() as u64,
+                        attempts,
+                        last,
+                    }
                 });
             }
             let chosen = self.set.lock().expect("lock").choose();
             let rank = match chosen {
                 Some(r) => r,
                 None => {
-                    match self.refresh().await {
+                    match self.refresh(deadline).await {
                         Err(LocateError::NotFound(what)) => return Err(ClientError::NotFound(what)),
                         Err(e) => last = format!("replica lookup failed: {e}"),
                         Ok(()) => {}
@@ -287,9 +322,6 @@ impl<S: ServiceApi> RsvcClient<S> {
                     if self.set.lock().expect("lock").is_empty() {
                         round_failures += 1;
                         self.backoff(round_failures, deadline).await;
-                        if attempts == 0 && Instant::now() >= deadline {
-                            return Err(ClientError::NoReplicas(format!("{}/{}", S::CLASS, self.instance)));
-                        }
                     }
                     continue;
                 }
@@ -355,7 +387,7 @@ impl<S: ServiceApi> RsvcClient<S> {
             probe: true,
             ..Default::default()
         };
-        self.send(req).await?;
+        self.send(req, Instant::now() + self.cfg.deadline).await?;
         self.cached_leader()
             .ok_or_else(|| ClientError::Codec("leader answered without a hint".into()))
     }
@@ -363,6 +395,16 @@ impl<S: ServiceApi> RsvcClient<S> {
     /// Calls the service. Mutating requests are numbered so that a retry after a failover
     /// returns the first result instead of applying twice.
     pub async fn call(&self, req: &S::Request) -> Result<S::Response, ClientError<S::Error>> {
+        self.call_until(req, Instant::now() + self.cfg.deadline).await
+    }
+
+    /// [`call`](Self::call) with its own deadline instead of the client's default: the leader
+    /// search, every attempt and every backoff end by `deadline`.
+    pub async fn call_until(
+        &self,
+        req: &S::Request,
+        deadline: Instant,
+    ) -> Result<S::Response, ClientError<S::Error>> {
         let seq = if S::is_mutating(req) {
             self.seq.fetch_add(1, Ordering::Relaxed) + 1
         } else {
@@ -370,11 +412,14 @@ impl<S: ServiceApi> RsvcClient<S> {
         };
         let payload = wire::encode(req).map_err(|e| ClientError::Codec(e.to_string()))?;
         let b = self
-            .send(pb::CallRequest {
-                seq,
-                payload,
-                ..Default::default()
-            })
+            .send(
+                pb::CallRequest {
+                    seq,
+                    payload,
+                    ..Default::default()
+                },
+                deadline,
+            )
             .await?;
         wire::decode(&b).map_err(|e| ClientError::Codec(e.to_string()))
     }

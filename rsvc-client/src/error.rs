@@ -41,9 +41,15 @@ pub enum ClientError<E> {
     /// The directory says the instance does not exist.
     #[error("{0} does not exist")]
     NotFound(String),
-    /// No replica is known and none could be learned from the management service.
-    #[error("no replica of {0} is known")]
-    NoReplicas(String),
+    /// The deadline passed before any replica could be tried: none was known and none could be
+    /// learned (from the management service), for the reason in `cause`.
+    #[error("no replica of {what} could be found in time: {cause}")]
+    NoReplicas {
+        /// The instance, `class/label`.
+        what: String,
+        /// The last reason the lookup gave.
+        cause: String,
+    },
     /// The deadline passed; says what was tried.
     #[error("deadline of {deadline_ms} ms passed after {attempts} attempts; last: {last}")]
     Deadline {
@@ -66,7 +72,7 @@ impl<E> ClientError<E> {
         matches!(
             self,
             ClientError::Deadline { .. }
-                | ClientError::NoReplicas(_)
+                | ClientError::NoReplicas { .. }
                 | ClientError::Wire(WireError::NoSpace | WireError::Busy | WireError::Shutdown)
         )
     }

@@ -10,6 +10,9 @@
 //! - The cached leader's term never decreases: a hint with an older term is ignored, so a stale
 //!   hint can never replace a newer leader.
 //! - A hinted rank that is not on the list is added (the replica set grew behind our back).
+//! - A `NotLeader` reply whose hint names the replier itself carries no news: a replica that
+//!   refuses to serve cannot be the leader to try next (an isolated old leader says exactly
+//!   that). Its hint is ignored, so the search moves on to the other replicas.
 //! - `NotReplica` and unreachable replicas are removed; an empty list must be refreshed from the
 //!   management service before anything can be chosen.
 
@@ -137,7 +140,7 @@ impl ReplicaSet {
             }
             Outcome::NotLeader(hint) => {
                 self.leader_failed(rank);
-                if let Some(h) = hint {
+                if let Some(h) = hint.filter(|h| h.rank != rank) {
                     self.process_hint(rank, h, false);
                 }
                 Next::Rechoose
@@ -253,6 +256,32 @@ mod tests {
         s.complete(3, Outcome::NotLeader(None));
         let next = s.choose().unwrap();
         assert_ne!(next, 3, "a failed leader is not chosen again right away");
+    }
+
+    #[test]
+    fn not_leader_naming_itself_moves_the_search_on() {
+        // Rank 1 is an old leader cut off from its peers: it refuses to serve, but its hint
+        // still names itself, with a term above the real leader's.
+        let mut s = set(&[1, 2, 3]);
+        let mut tried = Vec::new();
+        for _ in 0..6 {
+            let r = s.choose().unwrap();
+            tried.push(r);
+            if r == 1 {
+                s.complete(1, Outcome::NotLeader(Some(Hint { rank: 1, term: 9 })));
+            } else {
+                s.complete(r, Outcome::NotLeader(None));
+            }
+        }
+        assert!(
+            tried.contains(&2) && tried.contains(&3),
+            "the search reached the other replicas: {tried:?}"
+        );
+        assert_eq!(s.leader(), None, "a self-naming refusal makes no leader");
+        // The real leader, in a lower term than the isolated one's, is still believed.
+        s.complete(2, Outcome::Answered(Some(Hint { rank: 2, term: 4 })));
+        assert_eq!(s.leader(), Some(Hint { rank: 2, term: 4 }));
+        assert_eq!(s.choose(), Some(2));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (class, label → replica ranks). Clients start from the access-point addresses only.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,12 +59,18 @@ pub struct InstanceInfo {
 /// Requests to the management service.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MgmtRequest {
-    /// An engine announces itself (idempotent; a new address replaces the old one). An access
-    /// point also gets a replica of the management service.
+    /// An engine announces itself (idempotent). An access point also gets a replica of the
+    /// management service. The leader refuses an engine of another cluster, one it cannot
+    /// reach at `addr`, and a rank that moves to a new address while its engine at the old one
+    /// is still alive.
     Join {
         rank: u32,
         addr: String,
         access_point: bool,
+        /// The joining engine's cluster name.
+        cluster: String,
+        /// Random per engine process (see the peer `Identify` call).
+        incarnation: u64,
     },
     /// The system map.
     SystemMap,
@@ -110,11 +117,11 @@ pub enum MgmtResponse {
 /// Errors of the management service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum MgmtError {
-    /// No such instance.
-    #[error("no instance {0}")]
+    /// No such instance, named as `class "label"`.
+    #[error("{0} does not exist")]
     NotFound(String),
-    /// The instance exists already.
-    #[error("instance {0} exists")]
+    /// The instance exists already, named as `class "label"`.
+    #[error("{0} exists already")]
     Exists(String),
     /// Fewer eligible engines than replicas asked for.
     #[error("{want} replicas wanted but only {have} engines are up")]
@@ -122,6 +129,20 @@ pub enum MgmtError {
     /// Starting replicas failed; the ones that started were destroyed again.
     #[error("could not start replicas: {0}")]
     StartFailed(String),
+    /// Changing an instance's replicas (add or remove) failed; the directory is unchanged.
+    #[error("could not change the replicas: {0}")]
+    ChangeFailed(String),
+    /// Leadership could not be handed over.
+    #[error("could not transfer leadership: {0}")]
+    TransferFailed(String),
+    /// A joining engine was refused for good: another cluster, or its rank is alive elsewhere.
+    /// Retrying cannot help; the engine's configuration must change.
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    /// A joining engine could not be reached at the address it gave (a wrong `advertise`, a
+    /// firewall); it may retry.
+    #[error("engine not reachable: {0}")]
+    Unreachable(String),
     /// A bad argument.
     #[error("invalid: {0}")]
     Invalid(String),
@@ -156,7 +177,8 @@ pub fn mgmt_client(access_points: Replicas, conns: Connections, cfg: ClientConfi
     RsvcClient::new(MGMT_INSTANCE, Arc::new(StaticLocator(access_points)), conns, cfg)
 }
 
-/// Finds instances through the management service.
+/// Finds instances through the management service. Each lookup ends by the deadline of the
+/// call that needs it.
 pub struct MgmtLocator {
     client: RsvcClient<MgmtApi>,
 }
@@ -164,24 +186,20 @@ pub struct MgmtLocator {
 impl MgmtLocator {
     /// A locator asking the management service on `access_points`.
     pub fn new(access_points: Replicas, conns: Connections) -> Self {
-        let cfg = ClientConfig {
-            deadline: std::time::Duration::from_secs(10),
-            ..ClientConfig::default()
-        };
         MgmtLocator {
-            client: mgmt_client(access_points, conns, cfg),
+            client: mgmt_client(access_points, conns, ClientConfig::default()),
         }
     }
 }
 
 #[tonic::async_trait]
 impl Locator for MgmtLocator {
-    async fn locate(&self, class: &str, instance: &str) -> Result<Replicas, LocateError> {
+    async fn locate(&self, class: &str, instance: &str, deadline: Instant) -> Result<Replicas, LocateError> {
         let req = MgmtRequest::Locate {
             class: class.to_string(),
             label: instance.to_string(),
         };
-        match self.client.call(&req).await {
+        match self.client.call_until(&req, deadline).await {
             Ok(MgmtResponse::Instance(i)) => Ok(i.replicas),
             Ok(other) => Err(LocateError::Unavailable(format!("unexpected answer {other:?}"))),
             Err(ClientError::Service(MgmtError::NotFound(what))) => Err(LocateError::NotFound(what)),

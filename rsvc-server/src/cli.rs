@@ -31,8 +31,9 @@ pub struct ServeArgs {
     /// System name.
     #[arg(long, env = "RSVC_CLUSTER")]
     pub cluster: Option<String>,
-    /// Access point, `rank@host:port` (repeat); `RANK@` alone names this engine itself.
-    #[arg(long = "access-point")]
+    /// Access point, `rank@host:port` (repeat or comma-separate); `RANK@` alone names this
+    /// engine itself. At least one is needed, here, in the file or in the environment.
+    #[arg(long = "access-point", env = "RSVC_ACCESS_POINTS", value_delimiter = ',')]
     pub access_points: Vec<String>,
     /// Serve Prometheus metrics here.
     #[arg(long, env = "RSVC_METRICS_LISTEN")]
@@ -42,9 +43,11 @@ pub struct ServeArgs {
     pub fast_timers: bool,
 }
 
-/// Starts an engine with `factories` from `args`, prints
+/// Starts an engine with `factories` from `args`, waits until it has joined the system, prints
 /// `<name> ready rank=R addr=A metrics=M` on stdout, and runs until SIGTERM or SIGINT, when it
-/// hands over leadership and stops.
+/// hands over leadership and stops. An engine that cannot open its data, or that the system
+/// refuses (another cluster, its rank alive elsewhere), returns an error and never prints
+/// `ready`.
 pub async fn serve(
     name: &str,
     args: ServeArgs,
@@ -88,10 +91,31 @@ pub async fn serve(
     if let Some(r) = self_ap {
         cfg.access_points.push((r, String::new()));
     }
+    if cfg.access_points.is_empty() {
+        return Err(
+            "no access points: give --access-point rank@host:port (repeat for each), \
+             access_points in the config file, or RSVC_ACCESS_POINTS"
+                .into(),
+        );
+    }
     if args.fast_timers {
         cfg.db = rdb::DbConfig::fast();
     }
     let engine = Engine::start(cfg, factories).await.map_err(|e| e.to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    // "ready" means ready: wait (as long as it takes; an operator sees why in the log) until
+    // the system has taken this engine in.
+    tokio::select! {
+        r = engine.wait_joined() => {
+            if let Err(why) = r {
+                engine.shutdown().await;
+                return Err(format!("the system refused this engine: {why}"));
+            }
+        }
+        _ = term.recv() => { engine.shutdown().await; return Ok(()); }
+        _ = tokio::signal::ctrl_c() => { engine.shutdown().await; return Ok(()); }
+    }
     let metrics = match file.metrics_listen {
         Some(a) => Some(
             crate::metrics::serve(engine.clone(), a)
@@ -106,8 +130,6 @@ pub async fn serve(
         engine.addr(),
         metrics.map_or("off".to_string(), |m| m.to_string())
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -117,25 +139,214 @@ pub async fn serve(
     Ok(())
 }
 
-/// Logging for engine binaries: `RUST_LOG`, or info with the chatty transport crates quieter,
-/// to stderr.
-pub fn init_logging() {
+/// Where a client command finds the system, how long it may take, and how it prints: the
+/// flags every client command of every binary shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// Access point, `rank@host:port` (repeat or comma-separate). Required, here or in
+    /// `RSVC_ACCESS_POINTS`.
+    #[arg(
+        long = "access-point",
+        short = 'a',
+        env = "RSVC_ACCESS_POINTS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub access_points: Vec<String>,
+    /// Give up after this long: the whole command, the leader search included. Seconds
+    /// (`15`, `0.5`) or with a unit (`500ms`, `2s`).
+    #[arg(long, default_value = "15", value_parser = parse_timeout, global = true)]
+    pub timeout: std::time::Duration,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Target {
+    /// The access points, parsed.
+    pub fn access_points(&self) -> Result<Vec<(u32, String)>, String> {
+        if self.access_points.is_empty() {
+            return Err("--access-point rank@host:port is required (or RSVC_ACCESS_POINTS)".into());
+        }
+        self.access_points
+            .iter()
+            .map(|s| crate::config::parse_access_point(s))
+            .collect()
+    }
+
+    /// Client settings whose deadline is `--timeout`.
+    pub fn client_config(&self) -> rsvc_client::ClientConfig {
+        rsvc_client::ClientConfig {
+            deadline: self.timeout,
+            ..rsvc_client::ClientConfig::default()
+        }
+    }
+
+    /// A connection pool with the default connect timeout.
+    pub fn connections(&self) -> rsvc_client::Connections {
+        rsvc_client::Connections::with_connect_timeout(self.client_config().connect_timeout)
+    }
+}
+
+/// Exit codes shared by every client command.
+pub mod exit {
+    /// The service refused: an unknown pool, a label that exists, no handle.
+    pub const REFUSED: u8 = 1;
+    /// Bad usage or configuration, or a request the service calls invalid.
+    pub const USAGE: u8 = 2;
+    /// Nothing answered within the deadline.
+    pub const UNREACHABLE: u8 = 3;
+    /// Out of space.
+    pub const NO_SPACE: u8 = 4;
+}
+
+/// A failed client call as `(exit code, message)`. `service` gives the code of the service's
+/// own errors (usually [`exit::REFUSED`]).
+pub fn failure<E: std::fmt::Display + std::fmt::Debug>(
+    e: rsvc_client::ClientError<E>,
+    service: impl Fn(&E) -> u8,
+) -> (u8, String) {
+    use rsvc_client::{ClientError, WireError};
+    let code = match &e {
+        ClientError::Service(inner) => service(inner),
+        ClientError::NotFound(_) | ClientError::Wire(WireError::NoHandle | WireError::Stale) => exit::REFUSED,
+        ClientError::Wire(WireError::NoSpace) => exit::NO_SPACE,
+        ClientError::Wire(WireError::Invalid(_)) | ClientError::Codec(_) => exit::USAGE,
+        ClientError::Deadline { .. } | ClientError::NoReplicas { .. } | ClientError::Wire(_) => {
+            exit::UNREACHABLE
+        }
+    };
+    let msg = match &e {
+        // The service's own words, not its debug form.
+        ClientError::Service(inner) => inner.to_string(),
+        other => other.to_string(),
+    };
+    (code, msg)
+}
+
+/// The exit code of a management service error.
+pub fn mgmt_code(e: &rsvc_client::mgmt::MgmtError) -> u8 {
+    use rsvc_client::mgmt::MgmtError;
+    match e {
+        MgmtError::Invalid(_) => exit::USAGE,
+        _ => exit::REFUSED,
+    }
+}
+
+/// Waits until at least `ranks` engines are `Up` in the system map, or `deadline` passes.
+pub async fn wait_for_ranks(
+    mgmt: &rsvc_client::RsvcClient<rsvc_client::mgmt::MgmtApi>,
+    ranks: usize,
+    deadline: std::time::Instant,
+) -> Result<usize, (u8, String)> {
+    use rsvc_client::mgmt::{MgmtRequest, MgmtResponse, RankState};
+    loop {
+        let up = match mgmt.call_until(&MgmtRequest::SystemMap, deadline).await {
+            Ok(MgmtResponse::Map(m)) => m.iter().filter(|r| r.state == RankState::Up).count(),
+            Ok(other) => return Err((exit::USAGE, format!("unexpected answer {other:?}"))),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(failure(e, mgmt_code)),
+            Err(_) => 0,
+        };
+        if up >= ranks {
+            return Ok(up);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err((
+                exit::UNREACHABLE,
+                format!("only {up} of {ranks} engines are up after the deadline"),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Parses an instance label (a pool's, a container's): 1 to 128 of `A-Z a-z 0-9 . _ -`, not
+/// starting with a dot, so that a bad one is a usage error before anything is sent.
+pub fn parse_label(s: &str) -> Result<String, String> {
+    if crate::engine::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a label: use 1 to 128 of A-Z a-z 0-9 . _ - and do not start with a dot"
+        ))
+    }
+}
+
+/// Parses a timeout: seconds (`15`, `0.5`), or a number with `ms` or `s`.
+pub fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (say 15, 0.5, 500ms or 2s)"))?;
+    if !v.is_finite() || v <= 0.0 || v * scale > 86_400.0 {
+        return Err(format!("{s:?} must be more than 0 and at most a day"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * scale))
+}
+
+/// Where a binary's own log lines go, and how much of them.
+#[derive(Clone, Debug)]
+pub enum Logging {
+    /// An engine: info (the chatty transport crates at warn) to stderr, because role and term
+    /// changes are what an operator reads.
+    Serve,
+    /// A client command: warnings and errors only, so that a healthy call prints nothing but
+    /// its result.
+    Command,
+    /// Nothing is set up here; the command sets up its own (the demo logs to a file).
+    Custom,
+}
+
+/// The filter an engine logs with unless `RUST_LOG` says otherwise.
+pub const SERVE_FILTER: &str = "info,openraft=warn,h2=warn,tower=warn,hyper=warn";
+
+/// Sets up logging to stderr with `default` as the filter unless `RUST_LOG` is set. Colour
+/// codes only when stderr is a terminal and `NO_COLOR` is unset, so that `serve 2>file`
+/// writes plain text.
+pub fn init_logging(default: &str) {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,h2=warn,tower=warn,hyper=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into()),
         )
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-/// Runs a binary's async `main` on a fresh runtime with logging set up; an error `(code, msg)`
-/// is printed as `<name>: msg` and becomes the exit code.
-pub fn run_main<F>(name: &str, main: F) -> std::process::ExitCode
+/// Sets up logging into `file` (appending), without colour, at `RUST_LOG` or info.
+pub fn init_file_logging(file: &std::path::Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| SERVE_FILTER.into()),
+        )
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(f))
+        .try_init();
+    Ok(())
+}
+
+/// Runs a binary's async `main` on a fresh runtime with `logging` set up; an error
+/// `(code, msg)` is printed as `<name>: msg` and becomes the exit code.
+pub fn run_main<F>(name: &str, logging: Logging, main: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = Result<(), (u8, String)>>,
 {
-    init_logging();
+    match logging {
+        Logging::Serve => init_logging(SERVE_FILTER),
+        Logging::Command => init_logging("warn"),
+        Logging::Custom => {}
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -148,6 +359,23 @@ where
         Err((code, msg)) => {
             eprintln!("{name}: {msg}");
             std::process::ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn timeouts_take_fractions_and_units() {
+        assert_eq!(parse_timeout("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_timeout("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_timeout("2s"), Ok(Duration::from_secs(2)));
+        for bad in ["", "x", "-1", "0", "1h", "nan", "1e9"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} is refused");
         }
     }
 }

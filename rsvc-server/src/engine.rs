@@ -64,6 +64,37 @@ pub enum EngineError {
     /// Bad argument.
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The data directory is locked by another engine process.
+    #[error("data directory {dir} is in use by another engine (pid {pid}); two engines cannot share one")]
+    DataDirInUse {
+        /// The directory.
+        dir: PathBuf,
+        /// The pid written by the engine holding the lock, as found in the lock file.
+        pid: String,
+    },
+    /// A replica found in the data directory could not be opened.
+    #[error("cannot open the replica {class}/{instance} in {dir}: {cause}")]
+    Recover {
+        /// Its service class.
+        class: String,
+        /// Its instance.
+        instance: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// Why.
+        cause: String,
+    },
+}
+
+/// Where an engine stands with the system it joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinState {
+    /// Still trying; the last reason it did not work yet, if any.
+    Joining(Option<String>),
+    /// In the system map, reachable by the management leader at its address.
+    Joined,
+    /// Refused for good (another cluster, or the rank is alive elsewhere).
+    Refused(String),
 }
 
 struct Inner {
@@ -77,6 +108,37 @@ struct Inner {
     hosts: RwLock<HashMap<(String, String), Arc<Host>>>,
     stopping: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// Random per process: tells this engine from an earlier or later one of the same rank.
+    incarnation: u64,
+    /// Whether this engine is in the system yet; `Joined` from the start without access points.
+    joined: watch::Sender<JoinState>,
+    /// The data directory's lock, held until the engine has stopped (see [`lock_data_dir`]).
+    lock: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+/// Takes an exclusive `flock` on `<dir>/engine.lock` and writes this process's pid into it, so
+/// that a second engine on the same directory fails at once instead of fighting over its files.
+fn lock_data_dir(dir: &FsPath) -> Result<std::fs::File, EngineError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("engine.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        return Err(EngineError::DataDirInUse {
+            dir: dir.to_path_buf(),
+            pid: pid.trim().to_string(),
+        });
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 /// A running engine. Cheap to clone.
@@ -85,7 +147,7 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
-fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && !s.starts_with('.')
@@ -103,6 +165,7 @@ impl Engine {
         let bound = listener.local_addr()?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
         std::fs::create_dir_all(&cfg.data_dir)?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
         let (shutdown, _) = watch::channel(false);
         let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone()));
         let access_points: Vec<(u32, String)> = cfg
@@ -135,6 +198,14 @@ impl Engine {
             hosts: RwLock::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             shutdown,
+            incarnation: rand::random(),
+            joined: watch::channel(if access_points.is_empty() {
+                JoinState::Joined
+            } else {
+                JoinState::Joining(None)
+            })
+            .0,
+            lock: std::sync::Mutex::new(Some(lock)),
         });
         let engine = Engine { inner };
         engine.recover().await?;
@@ -203,20 +274,68 @@ impl Engine {
             rank: self.inner.rank,
             addr: self.inner.addr.clone(),
             access_point: is_ap,
+            cluster: self.inner.cluster.clone(),
+            incarnation: self.inner.incarnation,
         };
         let mut stop = self.inner.shutdown.subscribe();
+        let mut last_cause = None;
         loop {
             match client.call(&req).await {
                 Ok(_) => {
                     tracing::info!(rank = self.inner.rank, "joined the system");
+                    self.inner.joined.send_replace(JoinState::Joined);
                     return;
                 }
-                Err(e) => tracing::warn!(rank = self.inner.rank, cause = %e, "join failed; retrying"),
+                Err(rsvc_client::ClientError::Service(rsvc_client::mgmt::MgmtError::JoinRefused(why))) => {
+                    tracing::error!(rank = self.inner.rank, cause = %why, "the system refused this engine");
+                    self.inner.joined.send_replace(JoinState::Refused(why));
+                    return;
+                }
+                Err(e) => {
+                    let cause = e.to_string();
+                    // Once per distinct cause: a system still forming is not worth a line a second.
+                    if last_cause.as_ref() != Some(&cause) {
+                        tracing::info!(rank = self.inner.rank, cause = %cause, "not joined yet; retrying");
+                        last_cause = Some(cause.clone());
+                    }
+                    self.inner.joined.send_replace(JoinState::Joining(Some(cause)));
+                }
             }
             if *stop.borrow() || tokio::time::timeout(JOIN_RETRY, stop.changed()).await.is_ok() {
                 return;
             }
         }
+    }
+
+    /// Waits until this engine is in the system (at once without access points), or was
+    /// refused for good. "Ready" means this: data open, serving, and reachable by the
+    /// management leader at the advertised address.
+    pub async fn wait_joined(&self) -> Result<(), String> {
+        let mut rx = self.inner.joined.subscribe();
+        let state = rx
+            .wait_for(|s| !matches!(s, JoinState::Joining(_)))
+            .await
+            .map_err(|_| "engine stopped".to_string())?
+            .clone();
+        match state {
+            JoinState::Refused(why) => Err(why),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where this engine stands with its system.
+    pub fn join_state(&self) -> JoinState {
+        self.inner.joined.borrow().clone()
+    }
+
+    /// Random per engine process.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// The system name.
+    pub fn cluster(&self) -> &str {
+        &self.inner.cluster
     }
 
     /// This engine's rank.
@@ -253,9 +372,19 @@ impl Engine {
                 let Some(instance) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
                     continue;
                 };
+                // NB: a replica that cannot be opened stops the engine from starting. Serving
+                // without it would report the engine healthy while one of its replicas is
+                // missing from its group.
                 match self.open_replica(&class, &instance, &dir).await {
                     Ok(_) => tracing::info!(%class, %instance, "recovered replica"),
-                    Err(e) => tracing::error!(%class, %instance, cause = %e, "replica not started"),
+                    Err(e) => {
+                        return Err(EngineError::Recover {
+                            class,
+                            instance,
+                            dir,
+                            cause: e.to_string(),
+                        })
+                    }
                 }
             }
         }
@@ -393,6 +522,8 @@ impl Engine {
             }
         }
         let _ = self.inner.shutdown.send(true);
+        // Every replica is closed: another engine may have the directory now.
+        self.inner.lock.lock().expect("lock").take();
         tracing::info!(rank = self.inner.rank, "engine stopped");
     }
 
@@ -401,8 +532,10 @@ impl Engine {
         let up = host.db.up_term();
         let (rank, term) = match (up, leader) {
             (Some(t), _) => (self.inner.rank, t),
-            (None, Some(l)) => (l.rank, term),
-            (None, None) => return cpb::Hint::default(),
+            // NB: a replica that does not serve never hints itself: openraft may still call it
+            // leader (a leader cut off from its quorum), but a client must look elsewhere.
+            (None, Some(l)) if l.rank != self.inner.rank => (l.rank, term),
+            (None, _) => return cpb::Hint::default(),
         };
         let addr = host
             .db
@@ -522,6 +655,17 @@ impl pb::peer_server::Peer for PeerSvc {
         }
     }
 
+    async fn identify(
+        &self,
+        _req: Request<pb::IdentifyRequest>,
+    ) -> Result<Response<pb::IdentifyReply>, Status> {
+        Ok(Response::new(pb::IdentifyReply {
+            rank: self.0.inner.rank,
+            cluster: self.0.inner.cluster.clone(),
+            incarnation: self.0.inner.incarnation,
+        }))
+    }
+
     async fn start_replica(
         &self,
         req: Request<pb::StartReplicaRequest>,
@@ -554,6 +698,12 @@ impl pb::peer_server::Peer for PeerSvc {
     ) -> Result<Response<pb::TransferLeaderReply>, Status> {
         let r = req.into_inner();
         let host = self.leader_host(&r.cluster, &r.class, &r.instance)?;
+        if r.to_rank == self.0.inner.rank {
+            // Already where it was asked to go: done, not an error.
+            return Ok(Response::new(pb::TransferLeaderReply {
+                new_leader: r.to_rank,
+            }));
+        }
         let to = if r.to_rank == 0 {
             host.db
                 .transfer_target()
@@ -622,7 +772,26 @@ impl PeerSvc {
                     .add_replica(wire::member_from(&m).map_err(Status::invalid_argument)?)
                     .await
             }
-            (None, Some(rm)) => host.db.remove_replica(rdb::ReplicaId::new(rm.rank, rm.gen)).await,
+            (None, Some(rm)) => {
+                let gone = rdb::ReplicaId::new(rm.rank, rm.gen);
+                if gone == host.db.ident().replica {
+                    // NB: a leader does not remove itself. It hands leadership to a caught-up
+                    // voter first, and the caller asks again, now of the new leader.
+                    let to = host
+                        .db
+                        .transfer_target()
+                        .ok_or_else(|| Status::failed_precondition("the last voter cannot be removed"))?;
+                    host.db
+                        .transfer_leadership(to, TRANSFER_TIMEOUT)
+                        .await
+                        .map_err(|e| Status::unavailable(format!("handing over before removal: {e}")))?;
+                    return Err(Status::unavailable(format!(
+                        "leadership moved to rank {} before removing this replica",
+                        to.rank
+                    )));
+                }
+                host.db.remove_replica(gone).await
+            }
             _ => return Err(Status::invalid_argument("exactly one of add and remove")),
         };
         match res {

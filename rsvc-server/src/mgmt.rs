@@ -37,6 +37,14 @@ fn instances() -> Path {
     Path::root().child("instances")
 }
 
+/// An instance in the user's words: `pool "tank"`.
+fn named(class: &str, label: &str) -> String {
+    format!("{class} {label:?}")
+}
+
+/// How long the leader waits for a joining engine to answer `Identify`.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn storage(e: impl std::fmt::Display) -> MgmtError {
     MgmtError::Storage(e.to_string())
 }
@@ -245,8 +253,58 @@ impl MgmtInner {
         let key = format!("{class}/{label}");
         let info = Self::instance(tx, &key)
             .await?
-            .ok_or_else(|| MgmtError::NotFound(key.clone()))?;
+            .ok_or_else(|| MgmtError::NotFound(named(class, label)))?;
         Ok((key, info))
+    }
+
+    /// Asks the engine at `addr` who it is.
+    async fn identify(&self, addr: &str) -> Result<pb::IdentifyReply, String> {
+        let mut peer = self.peers.peer(addr)?;
+        match tokio::time::timeout(IDENTIFY_TIMEOUT, peer.identify(pb::IdentifyRequest {})).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(format!("{addr}: {}", s.message())),
+            Err(_) => Err(format!("{addr}: no answer within {IDENTIFY_TIMEOUT:?}")),
+        }
+    }
+
+    /// Admits engine `rank` joining from `addr` only if it is of this cluster, reachable at
+    /// `addr` as itself, and not a second engine of a rank whose engine is alive elsewhere.
+    async fn check_join(
+        &self,
+        tx: &mut Tx,
+        rank: u32,
+        addr: &str,
+        cluster: &str,
+        incarnation: u64,
+    ) -> Result<(), MgmtError> {
+        if cluster != self.cluster {
+            return Err(MgmtError::JoinRefused(format!(
+                "engine rank {rank} is of cluster {cluster:?}, this system is {:?}",
+                self.cluster
+            )));
+        }
+        let me = self
+            .identify(addr)
+            .await
+            .map_err(|e| MgmtError::Unreachable(format!("rank {rank} at its advertised address {e}")))?;
+        if me.rank != rank || me.incarnation != incarnation {
+            return Err(MgmtError::JoinRefused(format!(
+                "another engine (rank {}) answers at {addr}, the address rank {rank} advertises",
+                me.rank
+            )));
+        }
+        let old = Self::up_ranks(tx).await?.into_iter().find(|r| r.rank == rank);
+        if let Some(old) = old.filter(|o| o.addr != addr) {
+            if let Ok(them) = self.identify(&old.addr).await {
+                if them.rank == rank && them.cluster == self.cluster && them.incarnation != incarnation {
+                    return Err(MgmtError::JoinRefused(format!(
+                        "rank {rank} is alive at {}; a second engine of that rank cannot join from {addr}",
+                        old.addr
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn instance(tx: &mut Tx, key: &str) -> Result<Option<InstanceInfo>, MgmtError> {
@@ -264,6 +322,11 @@ impl MgmtInner {
         n: u32,
     ) -> Result<MgmtResponse, MgmtError> {
         let key = format!("{class}/{label}");
+        if !crate::engine::valid_name(&label) {
+            return Err(MgmtError::Invalid(format!(
+                "label {label:?} must be 1 to 128 of A-Z a-z 0-9 . _ - and not start with a dot"
+            )));
+        }
         if n == 0 || n > 9 {
             return Err(MgmtError::Invalid(format!(
                 "replica count must be 1..=9, got {n}"
@@ -275,7 +338,7 @@ impl MgmtInner {
             ));
         }
         if Self::instance(&mut ctx.tx, &key).await?.is_some() {
-            return Err(MgmtError::Exists(key));
+            return Err(MgmtError::Exists(named(&class, &label)));
         }
         let mut up: Vec<RankInfo> = Self::up_ranks(&mut ctx.tx)
             .await?
@@ -417,7 +480,10 @@ impl MgmtInner {
     ) -> Result<MgmtResponse, MgmtError> {
         let (key, mut info) = Self::existing(&mut ctx.tx, &class, &label).await?;
         if info.replicas.iter().any(|(r, _)| *r == rank) {
-            return Err(MgmtError::Invalid(format!("rank {rank} already hosts {key}")));
+            return Err(MgmtError::Invalid(format!(
+                "rank {rank} already hosts a replica of {}",
+                named(&class, &label)
+            )));
         }
         let target = Self::up_ranks(&mut ctx.tx)
             .await?
@@ -436,7 +502,7 @@ impl MgmtInner {
             .map_err(MgmtError::StartFailed)?;
         if let Err(e) = self.change_replicas(&info, Some(&member), None).await {
             let _ = self.stop_on(&target.addr, &class, &label).await;
-            return Err(MgmtError::StartFailed(e));
+            return Err(MgmtError::ChangeFailed(e));
         }
         info.replicas.push((rank, target.addr.clone()));
         info.replicas.sort();
@@ -460,7 +526,10 @@ impl MgmtInner {
     ) -> Result<MgmtResponse, MgmtError> {
         let (key, mut info) = Self::existing(&mut ctx.tx, &class, &label).await?;
         let Some(pos) = info.replicas.iter().position(|(r, _)| *r == rank) else {
-            return Err(MgmtError::Invalid(format!("rank {rank} does not host {key}")));
+            return Err(MgmtError::Invalid(format!(
+                "rank {rank} hosts no replica of {}",
+                named(&class, &label)
+            )));
         };
         if info.replicas.len() == 1 {
             return Err(MgmtError::Invalid(
@@ -469,11 +538,12 @@ impl MgmtInner {
         }
         let gen = info.gens.iter().find(|(r, _)| *r == rank).map_or(1, |(_, g)| *g);
         let (_, addr) = info.replicas[pos].clone();
-        let mut others = info.clone();
-        others.replicas.remove(pos);
-        self.change_replicas(&others, None, Some((rank, gen)))
+        // NB: every replica is asked, the one to be removed included: it may be the leader,
+        // and only the leader changes membership (it hands over first, then the new leader
+        // removes it).
+        self.change_replicas(&info, None, Some((rank, gen)))
             .await
-            .map_err(MgmtError::StartFailed)?;
+            .map_err(MgmtError::ChangeFailed)?;
         if let Err(e) = self.stop_on(&addr, &class, &label).await {
             tracing::warn!(rank, cause = %e, "removed replica could not be destroyed (engine down?)");
         }
@@ -552,7 +622,11 @@ impl ReplicatedService for Mgmt {
                 rank,
                 addr,
                 access_point,
+                cluster,
+                incarnation,
             } => {
+                self.check_join(&mut ctx.tx, rank, &addr, &cluster, incarnation)
+                    .await?;
                 let info = RankInfo {
                     rank,
                     addr: addr.clone(),
@@ -584,10 +658,7 @@ impl ReplicatedService for Mgmt {
                 replicas,
             } => self.create(ctx, class, label, replicas).await,
             MgmtRequest::DestroyInstance { class, label } => {
-                let key = format!("{class}/{label}");
-                let info = MgmtInner::instance(&mut ctx.tx, &key)
-                    .await?
-                    .ok_or(MgmtError::NotFound(key.clone()))?;
+                let (key, info) = MgmtInner::existing(&mut ctx.tx, &class, &label).await?;
                 for (rank, addr) in &info.replicas {
                     if let Err(e) = self.stop_on(addr, &class, &label).await {
                         tracing::warn!(rank, cause = %e, "could not destroy a replica; it stays orphaned");
@@ -601,26 +672,25 @@ impl ReplicatedService for Mgmt {
                 label,
                 to_rank,
             } => {
-                let key = format!("{class}/{label}");
-                let info = MgmtInner::instance(&mut ctx.tx, &key)
-                    .await?
-                    .ok_or(MgmtError::NotFound(key))?;
+                let (_, info) = MgmtInner::existing(&mut ctx.tx, &class, &label).await?;
+                if let Some(r) = to_rank.filter(|r| !info.replicas.iter().any(|(x, _)| x == r)) {
+                    return Err(MgmtError::Invalid(format!(
+                        "rank {r} hosts no replica of {}",
+                        named(&class, &label)
+                    )));
+                }
                 self.transfer(&info, to_rank.unwrap_or(0))
                     .await
                     .map(MgmtResponse::Leader)
-                    .map_err(MgmtError::StartFailed)
+                    .map_err(MgmtError::TransferFailed)
             }
             MgmtRequest::AddReplica { class, label, rank } => self.add_replica(ctx, class, label, rank).await,
             MgmtRequest::RemoveReplica { class, label, rank } => {
                 self.remove_replica(ctx, class, label, rank).await
             }
-            MgmtRequest::Locate { class, label } => {
-                let key = format!("{class}/{label}");
-                MgmtInner::instance(&mut ctx.tx, &key)
-                    .await?
-                    .map(MgmtResponse::Instance)
-                    .ok_or(MgmtError::NotFound(key))
-            }
+            MgmtRequest::Locate { class, label } => MgmtInner::existing(&mut ctx.tx, &class, &label)
+                .await
+                .map(|(_, i)| MgmtResponse::Instance(i)),
             MgmtRequest::ListInstances { class } => {
                 let all = ctx
                     .tx

@@ -12,30 +12,17 @@ use clap::{Parser, Subcommand};
 use cont_svc::{ContInfo, ContRequest, ContResponse};
 use pool_svc::{ContClient, PoolClient, PoolError};
 use rsvc_client::mgmt::MgmtLocator;
-use rsvc_client::{ClientConfig, ClientError, Connections, WireError};
-use rsvc_server::config::parse_access_point;
+use rsvc_client::ClientError;
+use rsvc_server::cli::{exit, failure, parse_label, Logging, Target};
 
 #[derive(Parser, Debug)]
 #[command(name = "cont-svc", about = "Containers of a pool on rsvc", version)]
 struct Cli {
-    /// Access point, `rank@host:port` (repeat or comma-separate).
-    #[arg(
-        long = "access-point",
-        short = 'a',
-        env = "RSVC_ACCESS_POINTS",
-        value_delimiter = ',',
-        global = true
-    )]
-    access_points: Vec<String>,
     /// The pool's label.
-    #[arg(long, global = true, default_value = "")]
-    pool: String,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 15, global = true)]
-    timeout: u64,
-    /// Print JSON instead of tables.
-    #[arg(long, global = true)]
-    json: bool,
+    #[arg(long, global = true, value_parser = parse_label)]
+    pool: Option<String>,
+    #[command(flatten)]
+    t: Target,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -44,48 +31,87 @@ struct Cli {
 enum Cmd {
     /// Creates a container, with `name=value` properties.
     Create {
+        /// The container's label.
+        #[arg(value_parser = parse_label)]
         label: String,
-        #[arg(long = "prop")]
-        props: Vec<String>,
+        /// A property, `name=value` (repeat).
+        #[arg(long = "prop", value_parser = parse_prop)]
+        props: Vec<(String, String)>,
     },
     /// Lists containers.
     List,
     /// Describes a container.
-    Query { label: String },
+    Query {
+        /// The container's label.
+        label: String,
+    },
     /// Destroys a container (two-phase); --force closes open handles.
     Destroy {
+        /// The container's label.
         label: String,
+        /// Close the container's open handles first.
         #[arg(long)]
         force: bool,
     },
     /// Takes a snapshot and prints its epoch.
-    Snapshot { label: String },
+    Snapshot {
+        /// The container's label.
+        label: String,
+    },
     /// Lists snapshot epochs.
-    Snapshots { label: String },
+    Snapshots {
+        /// The container's label.
+        label: String,
+    },
     /// Allocates object ids and prints the range.
-    AllocOids { label: String, count: u64 },
+    AllocOids {
+        /// The container's label.
+        label: String,
+        /// How many ids (at least 1).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        count: u64,
+    },
     /// Sets a user attribute.
     SetAttr {
+        /// The container's label.
         label: String,
+        /// The attribute's name.
         name: String,
+        /// Its value.
         value: String,
     },
     /// Reads a user attribute.
-    GetAttr { label: String, name: String },
+    GetAttr {
+        /// The container's label.
+        label: String,
+        /// The attribute's name.
+        name: String,
+    },
     /// Lists user attributes.
-    ListAttrs { label: String },
+    ListAttrs {
+        /// The container's label.
+        label: String,
+    },
 }
 
-fn code_of(e: &ClientError<PoolError>) -> u8 {
-    match e {
-        ClientError::Service(_)
-        | ClientError::NotFound(_)
-        | ClientError::Wire(WireError::NoHandle | WireError::Stale) => 1,
-        ClientError::Wire(WireError::NoSpace) => 4,
-        ClientError::Wire(WireError::Invalid(_)) | ClientError::Codec(_) => 2,
-        _ => 3,
+/// Parses `name=value`.
+fn parse_prop(p: &str) -> Result<(String, String), String> {
+    match p.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{p:?} is not name=value")),
     }
 }
+
+type Fail = (u8, String);
+
+fn fail(e: ClientError<PoolError>) -> Fail {
+    failure(e, |e| match e {
+        PoolError::Invalid(_) => exit::USAGE,
+        _ => exit::REFUSED,
+    })
+}
+
+const HEADER: &str = "LABEL                STATE       HANDLES SNAPSHOTS   NEXT OID";
 
 fn row(c: &ContInfo) -> String {
     format!(
@@ -98,105 +124,96 @@ fn row(c: &ContInfo) -> String {
     )
 }
 
-async fn run(cli: Cli) -> Result<(), (u8, String)> {
-    if cli.pool.is_empty() {
-        return Err((2, "--pool LABEL is required".into()));
+/// What a command prints: JSON for `--json`, and its text form.
+struct Out {
+    json: serde_json::Value,
+    text: String,
+}
+
+fn out(json: serde_json::Value, text: impl Into<String>) -> Out {
+    Out {
+        json,
+        text: text.into(),
     }
-    if cli.access_points.is_empty() {
-        return Err((
-            2,
-            "--access-point rank@host:port is required (or RSVC_ACCESS_POINTS)".into(),
-        ));
-    }
-    let aps: Vec<(u32, String)> = cli
-        .access_points
-        .iter()
-        .map(|s| parse_access_point(s))
-        .collect::<Result<_, _>>()
-        .map_err(|e| (2, e))?;
-    let conns = Connections::default();
-    let cfg = ClientConfig {
-        deadline: Duration::from_secs(cli.timeout),
-        ..ClientConfig::default()
-    };
-    let loc = Arc::new(MgmtLocator::new(aps, conns.clone()));
-    let fail = |e: ClientError<PoolError>| {
-        let msg = match &e {
-            ClientError::Service(inner) => inner.to_string(),
-            other => other.to_string(),
-        };
-        (code_of(&e), msg)
-    };
-    let pool = PoolClient::connect(
-        &cli.pool,
-        loc,
-        conns,
-        cfg,
-        "cont-svc-cli",
-        Duration::from_secs(10),
-    )
-    .await
-    .map_err(fail)?;
-    let conts = ContClient::new(&pool);
-    let json = cli.json;
-    let out: serde_json::Value = match cli.cmd {
+}
+
+/// Runs a command that needs a container handle, and closes the handle whatever happened.
+async fn with_open<T>(
+    conts: &ContClient<'_>,
+    label: &str,
+    f: impl AsyncFnOnce(cont_svc::api::Handle) -> Result<T, ClientError<PoolError>>,
+) -> Result<T, Fail> {
+    let h = conts.open(label).await.map_err(fail)?;
+    let res = f(h).await;
+    let closed = conts.close(h).await;
+    let v = res.map_err(fail)?;
+    closed.map_err(fail)?;
+    Ok(v)
+}
+
+async fn command(pool: &PoolClient, cmd: Cmd) -> Result<Out, Fail> {
+    let conts = ContClient::new(pool);
+    let unexpected = |other: ContResponse| (exit::USAGE, format!("unexpected answer {other:?}"));
+    Ok(match cmd {
         Cmd::Create { label, props } => {
-            let props = props
-                .iter()
-                .map(|p| {
-                    p.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .ok_or_else(|| (2, format!("--prop {p:?} is not name=value")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
             conts.create(&label, props).await.map_err(fail)?;
-            serde_json::json!({ "created": label })
+            out(
+                serde_json::json!({ "created": label }),
+                format!("created container {label}"),
+            )
         }
         Cmd::List => {
             let l = conts.list().await.map_err(fail)?;
-            if !json {
-                println!(
-                    "{:<20} {:<11} {:>7} {:>9} {:>10}",
-                    "LABEL", "STATE", "HANDLES", "SNAPSHOTS", "NEXT OID"
-                );
-                l.iter().for_each(|c| println!("{}", row(c)));
+            let mut text = HEADER.to_string();
+            for c in &l {
+                text.push('\n');
+                text.push_str(&row(c));
             }
-            serde_json::to_value(&l).map_err(|e| (2, e.to_string()))?
+            out(
+                serde_json::to_value(&l).map_err(|e| (exit::USAGE, e.to_string()))?,
+                text,
+            )
         }
         Cmd::Query { label } => {
             let c = conts.query(&label).await.map_err(fail)?;
-            if !json {
-                println!(
-                    "{:<20} {:<11} {:>7} {:>9} {:>10}",
-                    "LABEL", "STATE", "HANDLES", "SNAPSHOTS", "NEXT OID"
-                );
-                println!("{}", row(&c));
-            }
-            serde_json::to_value(&c).map_err(|e| (2, e.to_string()))?
+            let text = format!("{HEADER}\n{}", row(&c));
+            out(
+                serde_json::to_value(&c).map_err(|e| (exit::USAGE, e.to_string()))?,
+                text,
+            )
         }
         Cmd::Destroy { label, force } => {
             conts.destroy(&label, force).await.map_err(fail)?;
-            serde_json::json!({ "destroyed": label })
+            out(
+                serde_json::json!({ "destroyed": label }),
+                format!("destroyed container {label}"),
+            )
         }
         Cmd::Snapshot { label } => {
-            let h = conts.open(&label).await.map_err(fail)?;
-            let e = conts.snapshot(h).await.map_err(fail)?;
-            conts.close(h).await.map_err(fail)?;
-            serde_json::json!({ "container": label, "epoch": e })
+            let e = with_open(&conts, &label, async |h| conts.snapshot(h).await).await?;
+            out(
+                serde_json::json!({ "container": label, "epoch": e }),
+                format!("snapshot of {label} at epoch {e}"),
+            )
         }
         Cmd::Snapshots { label } => match pool
             .cont(ContRequest::SnapList { label: label.clone() })
             .await
             .map_err(fail)?
         {
-            ContResponse::Epochs(es) => serde_json::json!({ "container": label, "epochs": es }),
-            other => return Err((2, format!("unexpected answer {other:?}"))),
+            ContResponse::Epochs(es) => {
+                let text = es.iter().map(u64::to_string).collect::<Vec<_>>().join("\n");
+                out(serde_json::json!({ "container": label, "epochs": es }), text)
+            }
+            other => return Err(unexpected(other)),
         },
         Cmd::AllocOids { label, count } => {
-            let h = conts.open(&label).await.map_err(fail)?;
-            let (start, count) = conts.alloc_oids(h, count).await.map_err(fail)?;
-            conts.close(h).await.map_err(fail)?;
-            serde_json::json!({ "container": label, "start": start, "count": count })
+            let (start, count) =
+                with_open(&conts, &label, async |h| conts.alloc_oids(h, count).await).await?;
+            out(
+                serde_json::json!({ "container": label, "start": start, "count": count }),
+                format!("object ids {start}..{} of {label}", start + count),
+            )
         }
         Cmd::SetAttr { label, name, value } => {
             pool.cont(ContRequest::AttrSet {
@@ -206,37 +223,72 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
             })
             .await
             .map_err(fail)?;
-            serde_json::json!({ "container": label, "set": name })
+            out(
+                serde_json::json!({ "container": label, "set": name }),
+                format!("set attribute {name:?} of container {label}"),
+            )
         }
         Cmd::GetAttr { label, name } => match pool
             .cont(ContRequest::AttrGet {
-                label,
+                label: label.clone(),
                 name: name.clone(),
             })
             .await
             .map_err(fail)?
         {
             ContResponse::Attr(Some(v)) => {
-                serde_json::json!({ "name": name, "value": String::from_utf8_lossy(&v) })
+                let v = String::from_utf8_lossy(&v).into_owned();
+                out(serde_json::json!({ "name": name, "value": v }), v)
             }
-            ContResponse::Attr(None) => return Err((1, format!("no attribute {name:?}"))),
-            other => return Err((2, format!("unexpected answer {other:?}"))),
+            ContResponse::Attr(None) => {
+                return Err((
+                    exit::REFUSED,
+                    format!("container {label} has no attribute {name:?}"),
+                ))
+            }
+            other => return Err(unexpected(other)),
         },
         Cmd::ListAttrs { label } => match pool.cont(ContRequest::AttrList { label }).await.map_err(fail)? {
-            ContResponse::Names(n) => serde_json::json!(n),
-            other => return Err((2, format!("unexpected answer {other:?}"))),
+            ContResponse::Names(n) => out(serde_json::json!(n), n.join("\n")),
+            other => return Err(unexpected(other)),
         },
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
+    // Every argument is checked before anything is opened.
+    let Some(label) = cli.pool.clone() else {
+        return Err((exit::USAGE, "--pool LABEL is required".into()));
     };
-    let _ = pool.disconnect().await;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-    } else if !matches!(out, serde_json::Value::Array(_)) && out.get("label").is_none() {
-        println!("{out}");
+    let aps = cli.t.access_points().map_err(|e| (exit::USAGE, e))?;
+    let conns = cli.t.connections();
+    let loc = Arc::new(MgmtLocator::new(aps, conns.clone()));
+    let pool = PoolClient::connect(
+        &label,
+        loc,
+        conns,
+        cli.t.client_config(),
+        "cont-svc-cli",
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(fail)?;
+    // NB: the pool handle is closed on every path, or each failed command would leave one
+    // behind until its lease ran out.
+    let res = command(&pool, cli.cmd).await;
+    if let Err(e) = pool.disconnect().await {
+        tracing::warn!(cause = %e, "could not close the pool handle; its lease will expire");
+    }
+    let o = res?;
+    if cli.t.json {
+        println!("{}", serde_json::to_string_pretty(&o.json).unwrap_or_default());
+    } else if !o.text.is_empty() {
+        println!("{}", o.text);
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    rsvc_server::cli::run_main("cont-svc", run(cli))
+    rsvc_server::cli::run_main("cont-svc", Logging::Command, run(cli))
 }

@@ -11,14 +11,12 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use rsvc_client::mgmt::{mgmt_client, MgmtLocator, MgmtRequest, MgmtResponse};
-use rsvc_client::{ClientConfig, Connections, RsvcClient};
-use rsvc_server::cli::ServeArgs;
-use rsvc_server::config::parse_access_point;
-use rsvc_server::counter::{Counter, CounterApi, CounterRequest, CounterResponse};
+use rsvc_client::RsvcClient;
+use rsvc_server::cli::{exit, failure, mgmt_code, Logging, ServeArgs, Target};
+use rsvc_server::counter::{Counter, CounterApi, CounterError, CounterRequest, CounterResponse};
 use rsvc_server::{FnFactory, ServiceFactory};
 
 #[derive(Parser, Debug)]
@@ -28,149 +26,177 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(clap::Args, Debug)]
-struct ClientArgs {
-    /// Access point, `rank@host:port` (repeat for each).
-    #[arg(long = "access-point", required = true)]
-    access_points: Vec<String>,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 15)]
-    timeout: u64,
-}
-
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Runs an engine until SIGTERM or SIGINT, then hands over leadership and stops.
     Serve(ServeArgs),
+    /// Waits until N engines are up in the system map.
+    Wait {
+        #[command(flatten)]
+        t: Target,
+        /// How many engines.
+        #[arg(long)]
+        ranks: usize,
+    },
     /// Creates a counter instance.
     Create {
         #[command(flatten)]
-        client: ClientArgs,
+        t: Target,
+        /// The instance's label.
         #[arg(long)]
         label: String,
+        /// How many replicas, on distinct engines.
         #[arg(long, default_value_t = 3)]
         replicas: u32,
     },
     /// Adds to a counter and prints the new value.
     Add {
         #[command(flatten)]
-        client: ClientArgs,
+        t: Target,
+        /// The instance's label.
         #[arg(long)]
         label: String,
+        /// The counter's name.
         name: String,
+        /// What to add (may be negative).
         #[arg(allow_negative_numbers = true)]
         delta: i64,
     },
     /// Prints a counter.
     Get {
         #[command(flatten)]
-        client: ClientArgs,
+        t: Target,
+        /// The instance's label.
         #[arg(long)]
         label: String,
+        /// The counter's name.
         name: String,
+    },
+    /// Prints the rank that leads an instance.
+    Leader {
+        #[command(flatten)]
+        t: Target,
+        /// The instance's label.
+        #[arg(long)]
+        label: String,
     },
     /// Prints the system map and the instances.
     Status {
         #[command(flatten)]
-        client: ClientArgs,
+        t: Target,
     },
 }
 
-fn access_points(list: &[String]) -> Result<Vec<(u32, String)>, String> {
-    list.iter().map(|s| parse_access_point(s)).collect()
-}
+type Fail = (u8, String);
 
-fn counter_client(c: &ClientArgs, label: &str) -> Result<RsvcClient<CounterApi>, String> {
-    let aps = access_points(&c.access_points)?;
-    let conns = Connections::default();
-    let cfg = ClientConfig {
-        deadline: Duration::from_secs(c.timeout),
-        ..ClientConfig::default()
-    };
+fn counter_client(t: &Target, label: &str) -> Result<RsvcClient<CounterApi>, Fail> {
+    let aps = t.access_points().map_err(|e| (exit::USAGE, e))?;
+    let conns = t.connections();
     Ok(RsvcClient::new(
         label,
         Arc::new(MgmtLocator::new(aps, conns.clone())),
         conns,
-        cfg,
+        t.client_config(),
     ))
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+fn mgmt(t: &Target) -> Result<RsvcClient<rsvc_client::mgmt::MgmtApi>, Fail> {
+    let aps = t.access_points().map_err(|e| (exit::USAGE, e))?;
+    Ok(mgmt_client(aps, t.connections(), t.client_config()))
+}
+
+fn counter_fail(e: rsvc_client::ClientError<CounterError>) -> Fail {
+    failure(e, |_| exit::REFUSED)
+}
+
+fn unexpected<T: std::fmt::Debug>(other: T) -> Fail {
+    (exit::USAGE, format!("unexpected answer {other:?}"))
+}
+
+async fn run(cli: Cli) -> Result<(), Fail> {
     match cli.cmd {
         Cmd::Serve(args) => {
             let factories: Vec<Arc<dyn ServiceFactory>> = vec![Arc::new(FnFactory::new(|_: &str| Counter))];
-            rsvc_server::cli::serve("rsvc-engine", args, factories).await
+            rsvc_server::cli::serve("rsvc-engine", args, factories)
+                .await
+                .map_err(|e| (exit::USAGE, e))
         }
-        Cmd::Create {
-            client,
-            label,
-            replicas,
-        } => {
-            let aps = access_points(&client.access_points)?;
-            let cfg = ClientConfig {
-                deadline: Duration::from_secs(client.timeout),
-                ..ClientConfig::default()
-            };
-            let m = mgmt_client(aps, Connections::default(), cfg);
+        Cmd::Wait { t, ranks } => {
+            let up =
+                rsvc_server::cli::wait_for_ranks(&mgmt(&t)?, ranks, std::time::Instant::now() + t.timeout)
+                    .await?;
+            println!("{up} engines are up");
+            Ok(())
+        }
+        Cmd::Create { t, label, replicas } => {
             let req = MgmtRequest::CreateInstance {
                 class: "counter".into(),
                 label,
                 replicas,
             };
-            match m.call(&req).await.map_err(|e| e.to_string())? {
+            match mgmt(&t)?.call(&req).await.map_err(|e| failure(e, mgmt_code))? {
                 MgmtResponse::Instance(i) => {
                     let ranks: Vec<String> = i.replicas.iter().map(|(r, a)| format!("{r}@{a}")).collect();
                     println!("created counter/{} on {}", i.label, ranks.join(" "));
                     Ok(())
                 }
-                other => Err(format!("unexpected answer {other:?}")),
+                other => Err(unexpected(other)),
             }
         }
         Cmd::Add {
-            client,
+            t,
             label,
             name,
             delta,
         } => {
-            let c = counter_client(&client, &label)?;
+            let c = counter_client(&t, &label)?;
             match c
                 .call(&CounterRequest::Add { name, delta })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(counter_fail)?
             {
                 CounterResponse::Value(v) => {
                     let (rank, term) = c.cached_leader().unwrap_or((0, 0));
                     println!("{v}\t(leader rank {rank}, term {term})");
                     Ok(())
                 }
-                other => Err(format!("unexpected answer {other:?}")),
+                other => Err(unexpected(other)),
             }
         }
-        Cmd::Get { client, label, name } => {
-            let c = counter_client(&client, &label)?;
+        Cmd::Get { t, label, name } => {
+            let c = counter_client(&t, &label)?;
             match c
                 .call(&CounterRequest::Get { name })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(counter_fail)?
             {
                 CounterResponse::Value(v) => {
                     println!("{v}");
                     Ok(())
                 }
-                other => Err(format!("unexpected answer {other:?}")),
+                other => Err(unexpected(other)),
             }
         }
-        Cmd::Status { client } => {
-            let aps = access_points(&client.access_points)?;
-            let cfg = ClientConfig {
-                deadline: Duration::from_secs(client.timeout),
-                ..ClientConfig::default()
-            };
-            let m = mgmt_client(aps, Connections::default(), cfg);
-            let MgmtResponse::Map(ranks) =
-                m.call(&MgmtRequest::SystemMap).await.map_err(|e| e.to_string())?
+        Cmd::Leader { t, label } => {
+            let (rank, term) = counter_client(&t, &label)?
+                .locate_leader()
+                .await
+                .map_err(counter_fail)?;
+            if t.json {
+                println!("{{\"leader\": {rank}, \"term\": {term}}}");
+            } else {
+                println!("{rank}");
+            }
+            Ok(())
+        }
+        Cmd::Status { t } => {
+            let m = mgmt(&t)?;
+            let MgmtResponse::Map(ranks) = m
+                .call(&MgmtRequest::SystemMap)
+                .await
+                .map_err(|e| failure(e, mgmt_code))?
             else {
-                return Err("unexpected answer".into());
+                return Err((exit::USAGE, "unexpected answer".into()));
             };
             println!("{:<6} {:<24} STATE", "RANK", "ADDRESS");
             for r in ranks {
@@ -179,7 +205,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             if let MgmtResponse::Instances(is) = m
                 .call(&MgmtRequest::ListInstances { class: None })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| failure(e, mgmt_code))?
             {
                 println!("\n{:<10} {:<16} REPLICAS", "CLASS", "LABEL");
                 for i in is {
@@ -194,5 +220,9 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    rsvc_server::cli::run_main("rsvc-engine", async { run(cli).await.map_err(|e| (2, e)) })
+    let logging = match cli.cmd {
+        Cmd::Serve(_) => Logging::Serve,
+        _ => Logging::Command,
+    };
+    rsvc_server::cli::run_main("rsvc-engine", logging, run(cli))
 }

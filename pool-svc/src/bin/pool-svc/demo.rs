@@ -2,6 +2,10 @@
 //!
 //! Every engine is a child process of the demo, killed when the demo ends, even on Ctrl-C or
 //! error (`kill_on_drop` plus a Ctrl-C branch that drops them).
+//!
+//! Stdout tells the story and nothing else. Log lines go to files in the demo's directory:
+//! `demo.log` for the demo's own client, `engineN.log` for each engine. A temporary directory is
+//! removed when the demo succeeds and kept (and named) when it fails.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -41,13 +45,23 @@ struct Engine {
     child: Child,
 }
 
-async fn spawn(exe: &std::path::Path, rank: u32, args: Vec<String>) -> Result<Engine, String> {
+async fn spawn(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    rank: u32,
+    args: Vec<String>,
+) -> Result<Engine, String> {
+    let log_path = dir.join(format!("engine{rank}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let mut child = Command::new(exe)
         .arg("serve")
         .args(&args)
-        .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start engine {rank}: {e}"))?;
@@ -88,26 +102,44 @@ async fn gauge(metrics: &str, name: &str) -> Option<u64> {
 }
 
 pub async fn run(args: DemoArgs) -> Result<(), String> {
-    tokio::select! {
-        r = demo(args) => r,
-        _ = tokio::signal::ctrl_c() => Err("interrupted; engines stopped".into()),
-    }
-}
-
-async fn demo(args: DemoArgs) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let tmp = tempfile::Builder::new()
         .prefix("pool-svc-demo-")
         .tempdir()
         .map_err(|e| e.to_string())?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    rsvc_server::cli::init_file_logging(&dir.join("demo.log"))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let res = tokio::select! {
+        r = demo(args, &dir) => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted; engines stopped".into()),
+    };
+    res.map_err(|e| {
+        // Keep the logs of a failed run.
+        let kept = tmp.keep();
+        format!(
+            "{e} (logs in {})",
+            if dir.starts_with(&kept) {
+                kept.display().to_string()
+            } else {
+                dir.display().to_string()
+            }
+        )
+    })
+}
+
+async fn demo(args: DemoArgs, dir: &std::path::Path) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (warmup, after) = if args.quick {
         (Duration::from_secs(1), Duration::from_secs(1))
     } else {
         (Duration::from_secs(3), Duration::from_secs(3))
     };
 
-    println!("== starting 3 engines on loopback, data in {}", dir.display());
+    println!(
+        "== starting 3 engines on loopback, data and logs in {}",
+        dir.display()
+    );
     let mut engines: Vec<Option<Engine>> = Vec::new();
     let mut aps: Vec<String> = Vec::new();
     for rank in 1..=3u32 {
@@ -130,7 +162,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
         }
         a.push("--access-point".into());
         a.push(format!("{rank}@"));
-        let e = spawn(&exe, rank, a).await?;
+        let e = spawn(&exe, dir, rank, a).await?;
         println!(
             "   rank {} listening on {} (metrics {})",
             e.rank, e.addr, e.metrics
@@ -273,7 +305,7 @@ async fn demo(args: DemoArgs) -> Result<(), String> {
     if let Some(i) = rargs.iter().position(|a| a == "--listen") {
         rargs[i + 1] = kaddr.clone();
     }
-    let restarted = spawn(&exe, victim, rargs).await?;
+    let restarted = spawn(&exe, dir, victim, rargs).await?;
     let leader_metrics = engines
         .iter()
         .flatten()

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pool_svc::{PoolApi, PoolClient, PoolRequest, PoolResponse};
-use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtLocator, MgmtRequest, MgmtResponse};
-use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient, WireError};
-use rsvc_server::cli::ServeArgs;
-use rsvc_server::config::parse_access_point;
+use pool_svc::{PoolApi, PoolClient, PoolError, PoolRequest, PoolResponse};
+use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtError, MgmtLocator, MgmtRequest, MgmtResponse};
+use rsvc_client::{ClientError, Connections, RsvcClient};
+use rsvc_server::cli::{exit, failure, mgmt_code, parse_label, Logging, ServeArgs, Target};
 use serde::Serialize;
 
 mod demo;
@@ -23,26 +22,6 @@ mod demo;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// Where the system is, and how to print.
-#[derive(clap::Args, Debug, Clone)]
-struct Target {
-    /// Access point, `rank@host:port` (repeat for each).
-    #[arg(
-        long = "access-point",
-        short = 'a',
-        required = true,
-        env = "RSVC_ACCESS_POINTS",
-        value_delimiter = ','
-    )]
-    access_points: Vec<String>,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 15)]
-    timeout: u64,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,6 +55,14 @@ enum SystemCmd {
         #[command(flatten)]
         t: Target,
     },
+    /// Waits until N engines are up in the system map (for scripts that start engines).
+    Wait {
+        #[command(flatten)]
+        t: Target,
+        /// How many engines.
+        #[arg(long)]
+        ranks: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -84,8 +71,10 @@ enum PoolCmd {
     Create {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
+        /// How many service replicas, on distinct engines.
         #[arg(long, default_value_t = 3)]
         replicas: u32,
     },
@@ -98,38 +87,46 @@ enum PoolCmd {
     Query {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
     },
     /// Destroys a pool and its containers.
     Destroy {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
     },
     /// Connects (opens a handle), prints it, and disconnects.
     Connect {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
     },
     /// Sets a user attribute.
     SetAttr {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
+        /// The attribute's name.
         name: String,
+        /// Its value.
         value: String,
     },
     /// Reads a user attribute.
     GetAttr {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
+        /// The attribute's name.
         name: String,
     },
     /// Hands leadership of a pool's service to another replica (the most caught-up one, or
@@ -137,8 +134,10 @@ enum PoolCmd {
     TransferLeader {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
+        /// The rank to hand it to (default: the most caught-up replica).
         #[arg(long)]
         to: Option<u32>,
     },
@@ -146,7 +145,8 @@ enum PoolCmd {
     Evict {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
     },
 }
@@ -157,8 +157,10 @@ enum ReplicaCmd {
     Add {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
+        /// The engine's rank.
         #[arg(long)]
         rank: u32,
     },
@@ -166,8 +168,10 @@ enum ReplicaCmd {
     Remove {
         #[command(flatten)]
         t: Target,
-        #[arg(long)]
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
         label: String,
+        /// The engine's rank.
         #[arg(long)]
         rank: u32,
     },
@@ -176,54 +180,45 @@ enum ReplicaCmd {
 /// A failure with the exit code it maps to.
 struct Fail(u8, String);
 
-impl<E: std::fmt::Debug + std::fmt::Display> From<ClientError<E>> for Fail {
-    fn from(e: ClientError<E>) -> Self {
-        let code = match &e {
-            ClientError::Service(_)
-            | ClientError::NotFound(_)
-            | ClientError::Wire(WireError::NoHandle | WireError::Stale) => 1,
-            ClientError::Wire(WireError::NoSpace) => 4,
-            ClientError::Wire(WireError::Invalid(_)) | ClientError::Codec(_) => 2,
-            ClientError::Deadline { .. } | ClientError::NoReplicas(_) | ClientError::Wire(_) => 3,
-        };
-        let msg = match &e {
-            // The service's own words, not its debug form.
-            ClientError::Service(inner) => inner.to_string(),
-            other => other.to_string(),
-        };
-        Fail(code, msg)
+impl From<ClientError<MgmtError>> for Fail {
+    fn from(e: ClientError<MgmtError>) -> Self {
+        let (c, m) = failure(e, mgmt_code);
+        Fail(c, m)
     }
 }
 
-impl From<String> for Fail {
-    fn from(e: String) -> Self {
-        Fail(2, e)
+impl From<ClientError<PoolError>> for Fail {
+    fn from(e: ClientError<PoolError>) -> Self {
+        let (c, m) = failure(e, |e| match e {
+            PoolError::Invalid(_) => exit::USAGE,
+            _ => exit::REFUSED,
+        });
+        Fail(c, m)
     }
 }
 
-fn access_points(t: &Target) -> Result<Vec<(u32, String)>, Fail> {
-    t.access_points
-        .iter()
-        .map(|s| parse_access_point(s))
-        .collect::<Result<_, _>>()
-        .map_err(Fail::from)
+impl From<(u8, String)> for Fail {
+    fn from((c, m): (u8, String)) -> Self {
+        Fail(c, m)
+    }
 }
 
-fn cfg(t: &Target) -> ClientConfig {
-    ClientConfig {
-        deadline: Duration::from_secs(t.timeout),
-        ..ClientConfig::default()
-    }
+fn usage(e: String) -> Fail {
+    Fail(exit::USAGE, e)
 }
 
 fn mgmt(t: &Target) -> Result<RsvcClient<MgmtApi>, Fail> {
-    Ok(mgmt_client(access_points(t)?, Connections::default(), cfg(t)))
+    Ok(mgmt_client(
+        t.access_points().map_err(usage)?,
+        t.connections(),
+        t.client_config(),
+    ))
 }
 
 fn pool_rpc(t: &Target, label: &str) -> Result<RsvcClient<PoolApi>, Fail> {
-    let conns = Connections::default();
-    let loc = Arc::new(MgmtLocator::new(access_points(t)?, conns.clone()));
-    Ok(RsvcClient::new(label, loc, conns, cfg(t)))
+    let conns = t.connections();
+    let loc = Arc::new(MgmtLocator::new(t.access_points().map_err(usage)?, conns.clone()));
+    Ok(RsvcClient::new(label, loc, conns, t.client_config()))
 }
 
 fn print_json<T: Serialize>(v: &T) {
@@ -277,8 +272,21 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     match cli.cmd {
         Cmd::Serve(args) => rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
             .await
-            .map_err(Fail::from),
+            .map_err(usage),
         Cmd::Demo(args) => demo::run(args).await.map_err(|e| Fail(1, e)),
+        Cmd::System {
+            cmd: SystemCmd::Wait { t, ranks },
+        } => {
+            let up =
+                rsvc_server::cli::wait_for_ranks(&mgmt(&t)?, ranks, std::time::Instant::now() + t.timeout)
+                    .await?;
+            if t.json {
+                print_json(&serde_json::json!({ "up": up }));
+            } else {
+                println!("{up} engines are up");
+            }
+            Ok(())
+        }
         Cmd::System {
             cmd: SystemCmd::Status { t },
         } => {
@@ -427,13 +435,13 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
             Ok(())
         }
         PoolCmd::Connect { t, label } => {
-            let conns = Connections::default();
-            let loc = Arc::new(MgmtLocator::new(access_points(&t)?, conns.clone()));
+            let conns = t.connections();
+            let loc = Arc::new(MgmtLocator::new(t.access_points().map_err(usage)?, conns.clone()));
             let p = PoolClient::connect(
                 &label,
                 loc,
                 conns,
-                cfg(&t),
+                t.client_config(),
                 "pool-svc-cli",
                 Duration::from_secs(10),
             )
@@ -455,10 +463,15 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
         } => {
             pool_rpc(&t, &label)?
                 .call(&PoolRequest::AttrSet {
-                    name,
+                    name: name.clone(),
                     value: value.into_bytes(),
                 })
                 .await?;
+            if t.json {
+                print_json(&serde_json::json!({ "pool": label, "set": name }));
+            } else {
+                println!("set attribute {name:?} of pool {label}");
+            }
             Ok(())
         }
         PoolCmd::GetAttr { t, label, name } => {
@@ -473,7 +486,12 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
                     print_json(&serde_json::json!({ "name": name, "value": String::from_utf8_lossy(&v) }))
                 }
                 Some(v) => println!("{}", String::from_utf8_lossy(&v)),
-                None => return Err(Fail(1, format!("pool {label} has no attribute {name:?}"))),
+                None => {
+                    return Err(Fail(
+                        exit::REFUSED,
+                        format!("pool {label} has no attribute {name:?}"),
+                    ))
+                }
             }
             Ok(())
         }
@@ -488,6 +506,8 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
             };
             if t.json {
                 print_json(&serde_json::json!({ "pool": label, "leader": r }));
+            } else if to == Some(r) && r != 0 {
+                println!("pool {label} is led by rank {r}");
             } else {
                 println!("pool {label} is now led by rank {r}");
             }
@@ -509,5 +529,13 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    rsvc_server::cli::run_main("pool-svc", async { run(cli).await.map_err(|Fail(c, m)| (c, m)) })
+    let logging = match cli.cmd {
+        Cmd::Serve(_) => Logging::Serve,
+        // The demo tells its own story on stdout and logs into its directory.
+        Cmd::Demo(_) => Logging::Custom,
+        _ => Logging::Command,
+    };
+    rsvc_server::cli::run_main("pool-svc", logging, async {
+        run(cli).await.map_err(|Fail(c, m)| (c, m))
+    })
 }
