@@ -1,114 +1,14 @@
 //! The binaries end to end: real engine processes, commands parsed from `--json`, exit codes,
 //! and the demo in its short mode.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-const POOL_SVC: &str = env!("CARGO_BIN_EXE_pool-svc");
-const CONT_SVC: &str = env!("CARGO_BIN_EXE_cont-svc");
-const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(100);
-
-/// Engine processes, killed when dropped.
-struct System {
-    _tmp: TempDir,
-    _children: Vec<tokio::process::Child>,
-    aps: String,
-}
-
-async fn system() -> System {
-    let tmp = TempDir::new().unwrap();
-    let mut children = Vec::new();
-    let mut aps: Vec<String> = Vec::new();
-    for rank in 1..=3u32 {
-        let mut cmd = tokio::process::Command::new(POOL_SVC);
-        cmd.args([
-            "serve",
-            "--rank",
-            &rank.to_string(),
-            "--listen",
-            "127.0.0.1:0",
-            "--cluster",
-            "cli",
-            "--fast-timers",
-        ])
-        .arg("--data-dir")
-        .arg(tmp.path().join(format!("e{rank}")))
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-        for a in &aps {
-            cmd.args(["--access-point", a]);
-        }
-        cmd.args(["--access-point", &format!("{rank}@")]);
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .unwrap()
-            .to_string();
-        aps.push(format!("{rank}@{addr}"));
-        children.push(child);
-    }
-    let sys = System {
-        _tmp: tmp,
-        _children: children,
-        aps: aps.join(","),
-    };
-    let start = Instant::now();
-    loop {
-        let out = sys.run(POOL_SVC, &["system", "status", "--json"]);
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if v["ranks"].as_array().map(Vec::len) == Some(3) {
-                break;
-            }
-        }
-        assert!(start.elapsed() < DEADLINE, "system did not form");
-        std::thread::sleep(POLL);
-    }
-    sys
-}
-
-impl System {
-    fn run(&self, bin: &str, args: &[&str]) -> Output {
-        Command::new(bin)
-            .args(args)
-            .args(["--access-point", &self.aps])
-            .env("RUST_LOG", "error")
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, bin: &str, args: &[&str]) -> serde_json::Value {
-        let out = self.run(bin, args);
-        assert!(
-            out.status.success(),
-            "{bin} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "{bin} {args:?}: bad JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-}
+mod common;
+use common::{System, CONT_SVC, POOL_SVC};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_and_container_commands() {
-    let sys = system().await;
+    let sys = System::start(3).await;
     let created = sys.json(
         POOL_SVC,
         &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
@@ -185,19 +85,24 @@ async fn pool_and_container_commands() {
 }
 
 #[test]
-fn the_demo_runs_in_short_mode() {
+fn the_demo_runs_in_short_mode_and_tells_one_story() {
     let out = Command::new(POOL_SVC)
         .args(["demo", "--quick"])
-        .env("RUST_LOG", "warn")
+        .env_remove("RUST_LOG")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {stdout}\n{stderr}");
     assert!(stdout.contains("| acknowledged writes lost | 0 |"), "{stdout}");
     assert!(stdout.contains("demo finished"), "{stdout}");
+    // Regression: library log lines, with colour codes, were interleaved with the story.
+    assert!(stderr.is_empty(), "the demo wrote on stderr: {stderr}");
+    for noise in ["\x1b[", " INFO ", " WARN ", " ERROR ", "rsvc_client::"] {
+        assert!(
+            !stdout.contains(noise),
+            "log noise {noise:?} in the story: {stdout}"
+        );
+    }
     eprintln!("{stdout}");
 }

@@ -1,0 +1,300 @@
+//! Regressions on the operator paths (issue: what a new user hits first). Each test drives the
+//! real binaries against real engine processes, and each failed before its fix.
+
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{serve, Started, System, CONT_SVC, POOL_SVC};
+
+fn leader_of(sys: &System, label: &str) -> u64 {
+    sys.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["leader"]
+        .as_u64()
+        .unwrap()
+}
+
+fn replicas_of(sys: &System, label: &str) -> Vec<u64> {
+    sys.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect()
+}
+
+/// Removing the replica of the rank that leads the pool: the leader was never asked, so the
+/// command ran into its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leaders_replica_completes() {
+    let sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "rmtest", "--replicas", "3", "--json"],
+    );
+    let leader = leader_of(&sys, "rmtest");
+    let r = leader.to_string();
+    let out = sys.json(
+        POOL_SVC,
+        &[
+            "replicas",
+            "remove",
+            "--label",
+            "rmtest",
+            "--rank",
+            &r,
+            "--timeout",
+            "30",
+            "--json",
+        ],
+    );
+    let left: Vec<u64> = out["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(left.len(), 2, "{out}");
+    assert!(!left.contains(&leader), "{out}");
+    // The pool serves from the other two, under a new leader.
+    let reps = replicas_of(&sys, "rmtest");
+    assert_eq!(reps.len(), 2);
+    assert!(reps.contains(&leader_of(&sys, "rmtest")));
+    sys.json(
+        POOL_SVC,
+        &["pool", "set-attr", "--label", "rmtest", "a", "b", "--json"],
+    );
+}
+
+/// A second engine of a live rank: same data directory, or a new one at a new address. Both
+/// printed `ready` and took over the rank's entry in the system map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_rank_is_refused_and_exits() {
+    let mut sys = System::start(3).await;
+    let rank1 = sys.engine(1).addr.clone();
+    let aps = ["--access-point".to_string(), sys.aps.clone()];
+
+    let mut same_dir = sys.args(1, "127.0.0.1:0");
+    same_dir.extend(aps.clone());
+    match serve(1, &same_dir, &sys.log("dup-same-dir"), &[]).await {
+        Started::Ready(_) => panic!("a second engine on rank 1's data directory became ready"),
+        Started::Exited { code, stderr } => {
+            assert_eq!(code, Some(2), "{stderr}");
+            assert!(stderr.contains("in use by another engine"), "{stderr}");
+        }
+    }
+
+    let mut new_dir = sys.args(1, "127.0.0.1:0");
+    let i = new_dir.iter().position(|a| a == "--data-dir").unwrap();
+    new_dir[i + 1] = sys.tmp.path().join("elsewhere").display().to_string();
+    new_dir.extend(aps);
+    match serve(1, &new_dir, &sys.log("dup-new-dir"), &[]).await {
+        Started::Ready(_) => panic!("a second engine of live rank 1 became ready"),
+        Started::Exited { code, stderr } => {
+            assert_eq!(code, Some(2), "{stderr}");
+            assert!(
+                stderr.contains(&format!("rank 1 is alive at {rank1}")),
+                "{stderr}"
+            );
+        }
+    }
+    // The real rank 1 still owns its entry.
+    let status = sys.json(POOL_SVC, &["system", "status", "--json"]);
+    let r1 = status["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rank"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(r1["addr"], rank1.as_str(), "{status}");
+    assert_eq!(r1["state"], "Up", "{status}");
+}
+
+/// An engine of another cluster joined, showed Up, and then could not talk to its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_of_another_cluster_is_refused() {
+    let sys = System::start(3).await;
+    let mut args = sys.args(4, "127.0.0.1:0");
+    let i = args.iter().position(|a| a == "cli").unwrap();
+    args[i] = "prod".into();
+    args.extend(["--access-point".to_string(), sys.aps.clone()]);
+    match serve(4, &args, &sys.log("other-cluster"), &[]).await {
+        Started::Ready(_) => panic!("an engine of cluster prod joined cluster cli"),
+        Started::Exited { code, stderr } => {
+            assert_eq!(code, Some(2), "{stderr}");
+            assert!(stderr.contains("cluster \"prod\""), "{stderr}");
+        }
+    }
+    let status = sys.json(POOL_SVC, &["system", "status", "--json"]);
+    assert_eq!(status["ranks"].as_array().unwrap().len(), 3, "{status}");
+}
+
+/// `serve` ignored RSVC_ACCESS_POINTS, and an engine without any printed `ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_access_points_from_the_environment_and_needs_some() {
+    let sys = System::start(3).await;
+    let args = sys.args(4, "127.0.0.1:0");
+    let _e4 = match serve(4, &args, &sys.log("env-aps"), &[("RSVC_ACCESS_POINTS", &sys.aps)]).await {
+        Started::Ready(e) => e,
+        Started::Exited { code, stderr } => panic!("rank 4 exited ({code:?}): {stderr}"),
+    };
+    sys.wait_ranks(4);
+
+    let lone = sys.args(5, "127.0.0.1:0");
+    match serve(5, &lone, &sys.log("no-aps"), &[]).await {
+        Started::Ready(_) => panic!("an engine without access points became ready"),
+        Started::Exited { code, stderr } => {
+            assert_eq!(code, Some(2), "{stderr}");
+            assert!(stderr.contains("no access points"), "{stderr}");
+        }
+    }
+}
+
+/// `--timeout` did not bound the command: the locate phase had its own 10 s deadline, and the
+/// error hid the cause.
+#[test]
+fn timeout_bounds_the_whole_command_and_names_the_cause() {
+    // A port nothing listens on: bind one, then close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ap = format!("1@127.0.0.1:{port}");
+    for timeout in ["1", "0.5"] {
+        let start = Instant::now();
+        let out = std::process::Command::new(POOL_SVC)
+            .args([
+                "pool",
+                "query",
+                "--label",
+                "tank",
+                "--timeout",
+                timeout,
+                "--access-point",
+                &ap,
+            ])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{stderr}");
+        // NB: a bound, not a speed target: before the fix this took 10 s.
+        assert!(took < Duration::from_secs(5), "--timeout {timeout} took {took:?}");
+        assert!(
+            stderr.contains("replica lookup failed") && stderr.contains("tcp connect"),
+            "the error names the phase and the cause: {stderr}"
+        );
+    }
+}
+
+/// Failed cont-svc commands leaked pool handles (and container handles), and bad arguments
+/// were found only after connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_container_commands_close_what_they_opened() {
+    let sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    sys.json(CONT_SVC, &["--pool", "tank", "create", "scratch", "--json"]);
+    for _ in 0..3 {
+        sys.fails(CONT_SVC, &["--pool", "tank", "query", "nosuch"], 1);
+        sys.fails(CONT_SVC, &["--pool", "tank", "get-attr", "scratch", "nosuch"], 1);
+    }
+    let bad_prop = sys.fails(
+        CONT_SVC,
+        &["--pool", "tank", "create", "c2", "--prop", "bogus"],
+        2,
+    );
+    assert!(bad_prop.contains("not name=value"), "{bad_prop}");
+    sys.fails(CONT_SVC, &["--pool", "tank", "alloc-oids", "scratch", "0"], 2);
+    let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
+    assert_eq!(
+        q["handles"], 0,
+        "every failed command closed its pool handle: {q}"
+    );
+    // No container handle was left behind either: destroy works at once.
+    sys.json(CONT_SVC, &["--pool", "tank", "destroy", "scratch", "--json"]);
+}
+
+/// `list-attrs` printed nothing in text mode; `set-attr --json` printed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_prints_its_result() {
+    let sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    let set = sys.json(
+        POOL_SVC,
+        &["pool", "set-attr", "--label", "tank", "color", "red", "--json"],
+    );
+    assert_eq!(set["set"], "color");
+    sys.json(CONT_SVC, &["--pool", "tank", "create", "scratch", "--json"]);
+    sys.json(
+        CONT_SVC,
+        &["--pool", "tank", "set-attr", "scratch", "color", "blue", "--json"],
+    );
+    let text = sys.run(CONT_SVC, &["--pool", "tank", "list-attrs", "scratch"]);
+    assert!(text.status.success());
+    assert_eq!(String::from_utf8_lossy(&text.stdout).trim(), "color");
+    let names = sys.json(CONT_SVC, &["--pool", "tank", "list-attrs", "scratch", "--json"]);
+    assert_eq!(names, serde_json::json!(["color"]));
+    for args in [
+        vec!["--pool", "tank", "create", "c2"],
+        vec!["--pool", "tank", "list"],
+        vec!["--pool", "tank", "snapshot", "c2"],
+        vec!["--pool", "tank", "alloc-oids", "c2", "5"],
+    ] {
+        let out = sys.run(CONT_SVC, &args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stdout.is_empty(), "{args:?} printed nothing");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A transfer to the rank that already leads failed as "could not start replicas", and an
+/// empty label was refused only by the engine, with exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_to_the_leader_succeeds_and_bad_labels_are_usage_errors() {
+    let sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    let leader = leader_of(&sys, "tank").to_string();
+    let out = sys.json(
+        POOL_SVC,
+        &[
+            "pool",
+            "transfer-leader",
+            "--label",
+            "tank",
+            "--to",
+            &leader,
+            "--json",
+        ],
+    );
+    assert_eq!(out["leader"].to_string(), leader);
+    let elsewhere = sys.fails(
+        POOL_SVC,
+        &["pool", "transfer-leader", "--label", "tank", "--to", "9"],
+        2,
+    );
+    assert!(elsewhere.contains("rank 9 hosts no replica"), "{elsewhere}");
+    for bad in ["", ".hidden", "a/b"] {
+        let e = sys.fails(POOL_SVC, &["pool", "create", "--label", bad], 2);
+        assert!(e.contains("is not a label"), "{e}");
+    }
+    let gone = sys.fails(POOL_SVC, &["pool", "query", "--label", "nosuch"], 1);
+    assert!(gone.contains("pool \"nosuch\" does not exist"), "{gone}");
+}
