@@ -1,0 +1,112 @@
+//! `rsvc-bench`: rsvc measured against etcd and against the physical floor, side by side, in
+//! one run, on one machine. See docs/benchmarks.md for the figures and how to read them.
+//!
+//! ```sh
+//! cargo run --release -p rsvc-tests --bin rsvc-bench             # the full run (~10 min)
+//! cargo run --release -p rsvc-tests --bin rsvc-bench -- --quick  # CI's smoke run
+//! ```
+//!
+//! The rsvc side is a 3-engine system of the very engine `pool-svc serve` runs (this binary
+//! links pool-svc and re-executes itself as `rsvc-bench engine serve ...`, so that the engine
+//! under test is always the one built with the bench). The etcd side is a 3-member cluster of
+//! Debian's `etcd-server`. Both listen on 127.0.0.1, keep their data in the same directory, and
+//! fsync as they do in production. The clients run in this process.
+
+mod report;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rsvc-bench",
+    about = "rsvc against etcd and the physical floor, in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Runs an engine (what `pool-svc serve` runs); the bench starts its systems this way.
+    #[command(hide = true)]
+    Engine {
+        #[command(subcommand)]
+        cmd: EngineCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EngineCmd {
+    Serve(rsvc_server::cli::ServeArgs),
+}
+
+/// What to run and how long.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// A smoke run for CI: seconds, small N, the same code paths.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print the results as JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Where both systems keep their data (default: a temporary directory under the current
+    /// one, so that both sit on the filesystem the floor is measured on).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Seconds per throughput measurement.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    /// Failover and hand-over trials per system and timer setting.
+    #[arg(long)]
+    pub trials: Option<usize>,
+    /// Concurrent clients for the write and read workloads (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub clients: Option<Vec<usize>>,
+}
+
+impl Opts {
+    /// Seconds per throughput point.
+    pub fn seconds(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds.unwrap_or(if self.quick { 1.0 } else { 10.0 }))
+    }
+
+    /// Trials per failover setting.
+    pub fn trials(&self) -> usize {
+        self.trials.unwrap_or(if self.quick { 1 } else { 10 })
+    }
+
+    /// Client counts.
+    pub fn clients(&self) -> Vec<usize> {
+        self.clients.clone().unwrap_or_else(|| {
+            if self.quick {
+                vec![1, 16]
+            } else {
+                vec![1, 16, 64, 256]
+            }
+        })
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::Engine {
+        cmd: EngineCmd::Serve(args),
+    }) = cli.cmd
+    {
+        return rsvc_server::cli::run_main("rsvc-bench engine", rsvc_server::cli::Logging::Serve, async {
+            rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
+                .await
+                .map_err(|e| (2, e))
+        });
+    }
+    rsvc_server::cli::run_main("rsvc-bench", rsvc_server::cli::Logging::Command, async {
+        workloads::run(cli.opts).await.map_err(|e| (1, e))
+    })
+}

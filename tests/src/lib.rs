@@ -1,0 +1,59 @@
+//! # rsvc-tests: the system-level harness
+//!
+//! Real processes on loopback, driven from outside, the way an operator or a fault would meet
+//! them. [`proc`] runs one child process that cannot outlive the harness: `kill_on_drop`, and
+//! `PR_SET_PDEATHSIG` so that even a harness killed by SIGKILL takes its children with it.
+//! [`rsvc`] starts a system of `pool-svc serve` engines, each with its own data directory and
+//! timers, finds who leads what, and kills, pauses, stops and restarts engines by signal.
+//! [`etcd`] does the same for a real etcd cluster (Debian's `etcd-server`), so that a benchmark
+//! can compare the two side by side, in one run, on one machine.
+//!
+//! Everything waits on conditions with deadlines ([`wait_for`]); nothing sleeps for a fixed
+//! time to let something happen. Every port comes from the OS.
+//!
+//! ## CAVEATS
+//!
+//! - A port is found by binding port 0 and closing it before the child binds it. Another
+//!   process could take it in between; a start that fails that way is reported, not retried.
+//! - Pauses are SIGSTOP/SIGCONT of the whole process: they stop its clock-driven work too,
+//!   which is what a stalled VM looks like, not what a slow disk looks like.
+
+pub mod etcd;
+pub mod proc;
+pub mod rsvc;
+
+use std::time::{Duration, Instant};
+
+/// How long a harness waits for a condition unless told otherwise.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `f` every `every` until it returns `Some`, or fails after `deadline` naming `what`.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    every: Duration,
+    mut f: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if start.elapsed() > deadline {
+            return Err(format!("timed out after {deadline:?} waiting for {what}"));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1, as the OS hands it out (see the caveat above).
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}

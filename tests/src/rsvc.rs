@@ -1,0 +1,326 @@
+//! A system of real rsvc engine processes (`pool-svc serve`) on loopback.
+//!
+//! Every engine is an access point with a fixed port (found once, kept across restarts) and a
+//! TOML file of its own, so that a restarted engine comes back exactly as it was.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pool_svc::PoolApi;
+use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtLocator, MgmtRequest};
+use rsvc_client::wire::pb;
+use rsvc_client::{ClientConfig, Connections, RsvcClient};
+use rustix::process::Signal;
+use tokio::process::Command;
+
+use crate::proc::Proc;
+use crate::{free_port, wait_for, DEADLINE};
+
+/// How to run an engine: a program and the arguments before `serve`'s own flags.
+#[derive(Clone, Debug)]
+pub struct EngineCmd {
+    /// The program, e.g. `target/release/pool-svc`.
+    pub program: PathBuf,
+    /// Arguments up to and including `serve`.
+    pub prefix: Vec<String>,
+}
+
+impl EngineCmd {
+    /// `pool-svc serve` at `program`.
+    pub fn pool_svc(program: impl Into<PathBuf>) -> Self {
+        EngineCmd {
+            program: program.into(),
+            prefix: vec!["serve".into()],
+        }
+    }
+}
+
+/// Raft timers of every engine, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timers {
+    /// Leader heartbeat period.
+    pub heartbeat_ms: u64,
+    /// Election timeout, lower bound.
+    pub election_min_ms: u64,
+    /// Election timeout, upper bound.
+    pub election_max_ms: u64,
+}
+
+impl Timers {
+    /// The engine's production defaults (what a config file without `[raft]` gets).
+    pub fn defaults() -> Self {
+        let d = rdb::DbConfig::default();
+        Timers {
+            heartbeat_ms: d.heartbeat.as_millis() as u64,
+            election_min_ms: d.election_timeout.0.as_millis() as u64,
+            election_max_ms: d.election_timeout.1.as_millis() as u64,
+        }
+    }
+
+    /// An election timeout of `election_ms` (randomised up to twice that, as etcd does) and a
+    /// heartbeat of `heartbeat_ms`.
+    pub fn matched(election_ms: u64, heartbeat_ms: u64) -> Self {
+        Timers {
+            heartbeat_ms,
+            election_min_ms: election_ms,
+            election_max_ms: election_ms * 2,
+        }
+    }
+}
+
+/// One engine of a [`RsvcSystem`].
+pub struct Engine {
+    /// Its rank.
+    pub rank: u32,
+    /// Where it listens (and is dialled).
+    pub addr: String,
+    /// Its config file.
+    pub config: PathBuf,
+    /// The running process, if it runs.
+    pub proc: Option<Proc>,
+    /// The paused flag: a paused engine is SIGSTOPped.
+    pub paused: bool,
+}
+
+/// Real engine processes of one cluster. Dropping it kills them.
+pub struct RsvcSystem {
+    dir: PathBuf,
+    cmd: EngineCmd,
+    /// The engines by rank.
+    pub engines: BTreeMap<u32, Engine>,
+    conns: Connections,
+}
+
+impl RsvcSystem {
+    /// Starts `n` engines (all access points) with `timers`, data under `dir`, and waits
+    /// until every one has joined.
+    pub async fn start(dir: &Path, cmd: EngineCmd, n: u32, timers: Timers) -> Result<RsvcSystem, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut addrs = Vec::new();
+        for rank in 1..=n {
+            addrs.push((rank, format!("127.0.0.1:{}", free_port()?)));
+        }
+        let aps: Vec<String> = addrs.iter().map(|(r, a)| format!("\"{r}@{a}\"")).collect();
+        let mut engines = BTreeMap::new();
+        for (rank, addr) in &addrs {
+            let config = dir.join(format!("engine{rank}.toml"));
+            let toml = format!(
+                "rank = {rank}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ncluster = \"bench\"\n\
+                 access_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
+                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n",
+                dir.join(format!("engine{rank}")).display(),
+                aps.join(", "),
+                timers.heartbeat_ms,
+                timers.election_min_ms,
+                timers.election_max_ms,
+            );
+            std::fs::write(&config, toml).map_err(|e| format!("{}: {e}", config.display()))?;
+            engines.insert(
+                *rank,
+                Engine {
+                    rank: *rank,
+                    addr: addr.clone(),
+                    config,
+                    proc: None,
+                    paused: false,
+                },
+            );
+        }
+        let mut sys = RsvcSystem {
+            dir: dir.to_path_buf(),
+            cmd,
+            engines,
+            conns: Connections::default(),
+        };
+        // All at once, as a supervisor would start them: the first access point bootstraps the
+        // management service, the others join as soon as it answers.
+        for rank in 1..=n {
+            sys.spawn(rank)?;
+        }
+        for rank in 1..=n {
+            sys.wait_ready(rank).await?;
+        }
+        Ok(sys)
+    }
+
+    fn spawn(&mut self, rank: u32) -> Result<(), String> {
+        let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
+        let mut cmd = Command::new(&self.cmd.program);
+        cmd.args(&self.cmd.prefix).arg("--config").arg(&e.config);
+        cmd.env("RUST_LOG", "info,openraft=warn,h2=warn,tower=warn,hyper=warn");
+        cmd.env_remove("RSVC_ACCESS_POINTS");
+        e.proc = Some(Proc::spawn(cmd, &self.dir.join(format!("engine{rank}.log")))?);
+        e.paused = false;
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, rank: u32) -> Result<(), String> {
+        let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
+        let p = e.proc.as_mut().ok_or("not running")?;
+        p.line_with(" ready ", DEADLINE).await.map_err(|err| {
+            format!(
+                "engine {rank}: {err} (see {})",
+                self.dir.join(format!("engine{rank}.log")).display()
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The access points, `(rank, addr)`.
+    pub fn access_points(&self) -> Vec<(u32, String)> {
+        self.engines.values().map(|e| (e.rank, e.addr.clone())).collect()
+    }
+
+    /// A client of the management service.
+    pub fn mgmt(&self, cfg: ClientConfig) -> RsvcClient<MgmtApi> {
+        mgmt_client(self.access_points(), self.conns.clone(), cfg)
+    }
+
+    /// A client of pool `label` (no handle: attributes and queries need none). Clients share
+    /// one connection per engine.
+    pub fn pool(&self, label: &str, cfg: ClientConfig) -> RsvcClient<PoolApi> {
+        let loc = Arc::new(MgmtLocator::new(self.access_points(), self.conns.clone()));
+        RsvcClient::new(label, loc, self.conns.clone(), cfg)
+    }
+
+    /// Creates pool `label` with `replicas` replicas.
+    pub async fn create_pool(&self, label: &str, replicas: u32) -> Result<(), String> {
+        let req = MgmtRequest::CreateInstance {
+            class: "pool".into(),
+            label: label.into(),
+            replicas,
+        };
+        self.mgmt(ClientConfig::default())
+            .call(&req)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create pool {label}: {e}"))
+    }
+
+    /// Whether the engine of `rank` serves as leader of `class`/`label` now (a probe call).
+    pub async fn serving(&self, rank: u32, class: &str, label: &str) -> bool {
+        let Some(e) = self.engines.get(&rank) else {
+            return false;
+        };
+        let Ok(mut c) = self.conns.get(&e.addr) else {
+            return false;
+        };
+        let req = pb::CallRequest {
+            class: class.into(),
+            instance: label.into(),
+            probe: true,
+            ..Default::default()
+        };
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(Duration::from_millis(500));
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), c.call(r)).await,
+            Ok(Ok(reply)) if matches!(reply.get_ref().result, Some(pb::call_reply::Result::Ok(_)))
+        )
+    }
+
+    /// The rank whose replica serves `class`/`label`, waiting up to `deadline`.
+    pub async fn leader(&self, class: &str, label: &str, deadline: Duration) -> Result<u32, String> {
+        let ranks: Vec<u32> = self.running();
+        wait_for(
+            &format!("a leader of {class}/{label}"),
+            deadline,
+            Duration::from_millis(10),
+            || {
+                let ranks = ranks.clone();
+                async move {
+                    for r in ranks {
+                        if self.serving(r, class, label).await {
+                            return Some(r);
+                        }
+                    }
+                    None
+                }
+            },
+        )
+        .await
+    }
+
+    /// Ranks whose engines run and are not paused.
+    pub fn running(&self) -> Vec<u32> {
+        self.engines
+            .values()
+            .filter(|e| e.proc.is_some() && !e.paused)
+            .map(|e| e.rank)
+            .collect()
+    }
+
+    /// kill -9 of the engine of `rank`.
+    pub async fn kill(&mut self, rank: u32) -> Result<(), String> {
+        let p = self
+            .engines
+            .get_mut(&rank)
+            .and_then(|e| e.proc.take())
+            .ok_or("not running")?;
+        p.kill().await;
+        Ok(())
+    }
+
+    /// SIGTERM of the engine of `rank`, waiting for its exit.
+    pub async fn stop(&mut self, rank: u32) -> Result<(), String> {
+        let p = self
+            .engines
+            .get_mut(&rank)
+            .and_then(|e| e.proc.take())
+            .ok_or("not running")?;
+        match p.stop(Duration::from_secs(30)).await {
+            Some(s) if s.success() => Ok(()),
+            other => Err(format!("engine {rank} did not stop cleanly: {other:?}")),
+        }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`) of the engine of `rank`.
+    pub fn pause(&mut self, rank: u32, paused: bool) -> Result<(), String> {
+        let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
+        let p = e.proc.as_ref().ok_or("not running")?;
+        p.signal(if paused { Signal::STOP } else { Signal::CONT })?;
+        e.paused = paused;
+        Ok(())
+    }
+
+    /// Starts the engine of `rank` again, on its old address and data, and waits until it
+    /// has joined.
+    pub async fn restart(&mut self, rank: u32) -> Result<(), String> {
+        self.spawn(rank)?;
+        self.wait_ready(rank).await
+    }
+
+    /// The pid of the engine of `rank`.
+    pub fn pid(&self, rank: u32) -> Option<rustix::process::Pid> {
+        self.engines.get(&rank)?.proc.as_ref()?.pid()
+    }
+}
+
+/// An open gRPC health client to one engine, for measuring the loopback round trip.
+pub struct Pinger(tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>);
+
+impl Pinger {
+    /// Connects to the engine at `addr`.
+    pub async fn connect(addr: &str) -> Result<Pinger, String> {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Pinger(tonic_health::pb::health_client::HealthClient::new(ch)))
+    }
+
+    /// One health check.
+    pub async fn ping(&mut self) -> Result<(), String> {
+        self.0
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
