@@ -16,6 +16,7 @@
 //! election_timeout_min_ms = 1000
 //! election_timeout_max_ms = 2000
 //! snapshot_every_entries = 10000
+//! keep_log_behind_snapshot = 1000
 //! no_append_free_bytes = 4194304
 //! critical_free_bytes = 16384
 //! ```
@@ -41,6 +42,8 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Snapshot (and purge the log) every this many entries.
     pub snapshot_every_entries: u64,
+    /// Log entries kept behind a snapshot, for followers that lag a little.
+    pub keep_log_behind_snapshot: u64,
     /// Refuse ordinary transactions below this much free space.
     pub no_append_free_bytes: u64,
     /// Refuse even critical transactions below this much free space.
@@ -55,6 +58,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: d.election_timeout.0.as_millis() as u64,
             election_timeout_max_ms: d.election_timeout.1.as_millis() as u64,
             snapshot_every_entries: d.snapshot_every_entries,
+            keep_log_behind_snapshot: d.keep_log_behind_snapshot,
             no_append_free_bytes: d.no_append_free_bytes,
             critical_free_bytes: d.critical_free_bytes,
         }
@@ -135,6 +139,7 @@ impl FileConfig {
             ),
             quorum_timeout: Duration::from_millis(r.election_timeout_min_ms),
             snapshot_every_entries: r.snapshot_every_entries,
+            keep_log_behind_snapshot: r.keep_log_behind_snapshot,
             no_append_free_bytes: r.no_append_free_bytes,
             critical_free_bytes: r.critical_free_bytes,
             ..DbConfig::default()

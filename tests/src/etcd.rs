@@ -20,6 +20,8 @@ pub struct Member {
     pub client_url: String,
     peer_url: String,
     data_dir: PathBuf,
+    /// `--initial-cluster-state`: `new` for the founders, `existing` for a member added later.
+    state: &'static str,
     /// The running process, if it runs.
     pub proc: Option<Proc>,
 }
@@ -30,6 +32,8 @@ pub struct EtcdCluster {
     program: PathBuf,
     /// `--heartbeat-interval` and `--election-timeout`, in ms.
     pub timers: (u64, u64),
+    /// Further flags for every member.
+    pub extra: Vec<String>,
     /// Members by index 1..=n.
     pub members: BTreeMap<u32, Member>,
 }
@@ -52,6 +56,17 @@ impl EtcdCluster {
     /// Starts `n` members with heartbeat `hb_ms` and election timeout `election_ms`, data
     /// under `dir`, and waits until the cluster has a leader.
     pub async fn start(dir: &Path, n: u32, hb_ms: u64, election_ms: u64) -> Result<EtcdCluster, String> {
+        Self::start_with(dir, n, hb_ms, election_ms, Vec::new()).await
+    }
+
+    /// [`start`](Self::start) with further flags for every member (e.g. `--snapshot-count`).
+    pub async fn start_with(
+        dir: &Path,
+        n: u32,
+        hb_ms: u64,
+        election_ms: u64,
+        extra: Vec<String>,
+    ) -> Result<EtcdCluster, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let program = etcd_program()?;
         let mut members = BTreeMap::new();
@@ -63,6 +78,7 @@ impl EtcdCluster {
                     client_url: format!("http://127.0.0.1:{}", free_port()?),
                     peer_url: format!("http://127.0.0.1:{}", free_port()?),
                     data_dir: dir.join(format!("etcd{i}")),
+                    state: "new",
                     proc: None,
                 },
             );
@@ -71,6 +87,7 @@ impl EtcdCluster {
             dir: dir.to_path_buf(),
             program,
             timers: (hb_ms, election_ms),
+            extra,
             members,
         };
         for i in 1..=n {
@@ -107,7 +124,7 @@ impl EtcdCluster {
             .arg("--initial-cluster")
             .arg(&initial)
             .arg("--initial-cluster-state")
-            .arg("new")
+            .arg(m.state)
             .arg("--initial-cluster-token")
             .arg("rsvc-bench")
             .arg("--heartbeat-interval")
@@ -115,7 +132,8 @@ impl EtcdCluster {
             .arg("--election-timeout")
             .arg(self.timers.1.to_string())
             .arg("--log-level")
-            .arg("warn");
+            .arg("warn")
+            .args(&self.extra);
         m.proc = Some(Proc::spawn(cmd, &self.dir.join(format!("etcd{i}.log")))?);
         Ok(())
     }
@@ -220,6 +238,49 @@ impl EtcdCluster {
         let id = self.member_id(to).await?;
         let mut c = self.client_of(from).await?;
         c.move_leader(id).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Adds a new member (etcd's `member add`, then the member started with
+    /// `--initial-cluster-state existing`) and returns its index. It is started, not caught up.
+    pub async fn add_member(&mut self) -> Result<u32, String> {
+        let i = self.members.keys().max().copied().unwrap_or(0) + 1;
+        let m = Member {
+            name: format!("n{i}"),
+            client_url: format!("http://127.0.0.1:{}", free_port()?),
+            peer_url: format!("http://127.0.0.1:{}", free_port()?),
+            data_dir: self.dir.join(format!("etcd{i}")),
+            state: "existing",
+            proc: None,
+        };
+        let mut c = self.client().await?;
+        // NB: etcd refuses a member add ("unhealthy cluster") until every member has been
+        // connected for a few seconds (its strict reconfiguration check), so a fresh cluster is
+        // asked again until it agrees.
+        let url = m.peer_url.clone();
+        wait_for(
+            "etcd to accept a new member",
+            DEADLINE,
+            Duration::from_millis(200),
+            || {
+                let (mut c, url) = (c.clone(), url.clone());
+                async move { c.member_add([url.as_str()], None).await.ok().map(|_| ()) }
+            },
+        )
+        .await?;
+        let _ = &mut c;
+        self.members.insert(i, m);
+        self.spawn(i)?;
+        Ok(i)
+    }
+
+    /// The raft index member `i` has applied, if it answers.
+    pub async fn applied_index(&self, i: u32) -> Option<u64> {
+        let mut c = self.client_of(i).await.ok()?;
+        let st = tokio::time::timeout(Duration::from_millis(500), c.status())
+            .await
+            .ok()?
+            .ok()?;
+        Some(st.raft_applied_index())
     }
 
     /// kill -9 of member `i`.

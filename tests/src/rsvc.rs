@@ -97,6 +97,17 @@ impl RsvcSystem {
     /// Starts `n` engines (all access points) with `timers`, data under `dir`, and waits
     /// until every one has joined.
     pub async fn start(dir: &Path, cmd: EngineCmd, n: u32, timers: Timers) -> Result<RsvcSystem, String> {
+        Self::start_with(dir, cmd, n, timers, "").await
+    }
+
+    /// [`start`](Self::start) with more `[raft]` settings (TOML lines) for every engine.
+    pub async fn start_with(
+        dir: &Path,
+        cmd: EngineCmd,
+        n: u32,
+        timers: Timers,
+        raft_extra: &str,
+    ) -> Result<RsvcSystem, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut addrs = Vec::new();
         for rank in 1..=n {
@@ -109,7 +120,7 @@ impl RsvcSystem {
             let toml = format!(
                 "rank = {rank}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ncluster = \"bench\"\n\
                  access_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
-                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n",
+                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{raft_extra}\n",
                 dir.join(format!("engine{rank}")).display(),
                 aps.join(", "),
                 timers.heartbeat_ms,
@@ -290,6 +301,26 @@ impl RsvcSystem {
     pub async fn restart(&mut self, rank: u32) -> Result<(), String> {
         self.spawn(rank)?;
         self.wait_ready(rank).await
+    }
+
+    /// Adds a replica of pool `label` on `rank` (learner until caught up, then voter); returns
+    /// when the management service reports it done.
+    pub async fn add_pool_replica(&self, label: &str, rank: u32) -> Result<(), String> {
+        let req = MgmtRequest::AddReplica {
+            class: "pool".into(),
+            label: label.into(),
+            rank,
+        };
+        let cfg = ClientConfig {
+            deadline: Duration::from_secs(600),
+            rpc_timeout: Duration::from_secs(600),
+            ..ClientConfig::default()
+        };
+        self.mgmt(cfg)
+            .call(&req)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("add a replica of {label} on rank {rank}: {e}"))
     }
 
     /// The pid of the engine of `rank`.

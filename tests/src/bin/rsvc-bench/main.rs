@@ -13,6 +13,8 @@
 //! fsync as they do in production. The clients run in this process.
 
 mod report;
+mod scale;
+mod snapshot;
 mod workloads;
 
 use std::path::PathBuf;
@@ -69,6 +71,15 @@ pub struct Opts {
     /// Concurrent clients for the write and read workloads (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub clients: Option<Vec<usize>>,
+    /// Size of the state a new replica joins, in MiB.
+    #[arg(long)]
+    pub snapshot_mib: Option<usize>,
+    /// Idle instance counts of the scale workload (comma-separated, ascending).
+    #[arg(long, value_delimiter = ',')]
+    pub instances: Option<Vec<usize>>,
+    /// Seconds of the quiet window in which the scale workload measures idle CPU.
+    #[arg(long)]
+    pub idle_seconds: Option<f64>,
 }
 
 impl Opts {
@@ -80,6 +91,23 @@ impl Opts {
     /// Trials per failover setting.
     pub fn trials(&self) -> usize {
         self.trials.unwrap_or(if self.quick { 1 } else { 10 })
+    }
+
+    /// State size of the snapshot workload.
+    pub fn snapshot_mib(&self) -> usize {
+        self.snapshot_mib.unwrap_or(if self.quick { 16 } else { 256 })
+    }
+
+    /// Instance counts of the scale workload.
+    pub fn instances(&self) -> Vec<usize> {
+        self.instances
+            .clone()
+            .unwrap_or_else(|| if self.quick { vec![10] } else { vec![10, 100, 1000] })
+    }
+
+    /// The idle window of the scale workload.
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_seconds.unwrap_or(if self.quick { 3.0 } else { 30.0 }))
     }
 
     /// Client counts.

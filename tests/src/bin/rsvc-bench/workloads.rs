@@ -580,7 +580,7 @@ pub async fn run(o: Opts) -> Result<(), String> {
 
     // Matched fast timers: an election timeout of 300 ms and a heartbeat of 50 ms on both.
     let f = Timers::matched(300, 50);
-    let mut sys = RsvcSystem::start(&dir.join("rsvc-fast"), cmd, 3, f).await?;
+    let mut sys = RsvcSystem::start(&dir.join("rsvc-fast"), cmd.clone(), 3, f).await?;
     ready_pool(&sys).await?;
     let mut etcd = EtcdCluster::start(&dir.join("etcd-fast"), 3, 50, 300).await?;
     failovers(
@@ -594,6 +594,11 @@ pub async fn run(o: Opts) -> Result<(), String> {
     .await?;
     drop(sys);
     drop(etcd);
+
+    let mib = o.snapshot_mib();
+    let floor = crate::snapshot::write_floor(&dir, mib)?;
+    crate::snapshot::run(&mut rep, &dir, cmd.clone(), mib, floor).await?;
+    crate::scale::run(&mut rep, &dir, cmd, &o.instances(), o.idle()).await?;
 
     let table = rep.table();
     if o.json {
