@@ -140,6 +140,8 @@ pub(crate) struct Inner {
     transport: Arc<dyn Transport>,
     /// The read lease: (term, valid until). Set by the watcher after each quorum proof.
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
+    /// When this replica last stepped up, and in which term (for transfer; see there).
+    up_since: Arc<Mutex<Option<(u64, Instant)>>>,
     /// When this replica started; it grants no vote for `election_timeout_max` after.
     started: Instant,
 }
@@ -217,6 +219,7 @@ impl Db {
         let (shutdown, _) = watch::channel(false);
         let resign_until = Arc::new(Mutex::new(None));
         let lease = Arc::new(Mutex::new(None));
+        let up_since = Arc::new(Mutex::new(None));
         let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
         let inner = Arc::new(Inner {
             ident,
@@ -236,6 +239,7 @@ impl Db {
             commits: AtomicU64::new(0),
             transport: opts.transport.clone(),
             lease: lease.clone(),
+            up_since: up_since.clone(),
             started: Instant::now(),
         });
         let watcher = tokio::spawn(watch_leadership(Watch {
@@ -247,6 +251,7 @@ impl Db {
             resign_until,
             me: ident.replica,
             lease,
+            up_since,
         }));
         let batcher = tokio::spawn(run_batcher(
             raft,
@@ -614,9 +619,9 @@ impl Db {
     /// it to campaign at once. A follower refuses votes for `election_timeout_max` after it last
     /// heard from the leader, but a leader that has led that long has no such lease on itself,
     /// so it grants the vote. In a 3-replica group that is a majority: the handover takes one
-    /// round trip. In larger groups, or if this leader was elected less than
-    /// `election_timeout_max` ago, the other voters grant once their leases run out. That is
-    /// still sooner than an election timeout after a crash.
+    /// round trip. A leader elected less than `election_timeout_max` ago keeps serving until
+    /// it is that old, then hands over. In larger groups the other voters grant once their
+    /// leases run out. That is still sooner than an election timeout after a crash.
     pub async fn transfer_leadership(&self, to: ReplicaId, timeout: Duration) -> Result<()> {
         let Some(target) = self.members().into_iter().find(|m| m.replica == to) else {
             return Err(Error::NotFound(format!("replica {to} is not a member")));
@@ -628,6 +633,26 @@ impl Db {
             return Err(self.not_leader());
         }
         let deadline = Instant::now() + timeout;
+        // NB: openraft 0.9 refuses votes on a leader for election_timeout_max after it took
+        // office. Transferring sooner makes the target campaign in vain until that lease runs
+        // out, term after term. A young leader therefore keeps serving until it is old enough,
+        // and hands over then: clients see no gap at all while it waits, and one round trip
+        // after. (In a 3-replica group that is enough; in larger ones the other followers'
+        // leases still count, see above.)
+        let since = *self.inner.up_since.lock().expect("lock");
+        if let Some((term, since)) = since.filter(|(t, _)| Some(*t) == self.up_term()) {
+            let old_enough = since + self.inner.config.election_timeout.1;
+            if old_enough > Instant::now() {
+                tracing::debug!(
+                    term,
+                    "transfer waits until the leader outlives its own vote lease"
+                );
+                tokio::time::sleep_until(old_enough.min(deadline).into()).await;
+            }
+            if self.up_term() != Some(term) {
+                return Err(self.not_leader());
+            }
+        }
         *self.inner.resign_until.lock().expect("lock") = Some(deadline);
         let mut m = self.inner.raft.metrics();
         // Wait for the target to hold every entry.
@@ -947,6 +972,7 @@ struct Watch {
     resign_until: Arc<Mutex<Option<Instant>>>,
     me: ReplicaId,
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
+    up_since: Arc<Mutex<Option<(u64, Instant)>>>,
 }
 
 /// Turns openraft's metrics into [`LeaderEvent`]s; see `leadership.rs`.
@@ -960,6 +986,7 @@ async fn watch_leadership(w: Watch) {
         resign_until,
         me,
         lease,
+        up_since,
     } = w;
     let mut metrics = raft.metrics();
     let mut alt = Alternator::default();
@@ -978,7 +1005,10 @@ async fn watch_leadership(w: Watch) {
         }
         for ev in alt.transition(want) {
             match ev {
-                LeaderEvent::StepUp { term } => tracing::info!(replica = %me, term, "step up"),
+                LeaderEvent::StepUp { term } => {
+                    *up_since.lock().expect("lock") = Some((term, Instant::now()));
+                    tracing::info!(replica = %me, term, "step up")
+                }
                 LeaderEvent::StepDown { term } => tracing::info!(replica = %me, term, "step down"),
             }
             let _ = events.send(ev);

@@ -59,6 +59,8 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Acknowledged writes found missing afterwards, per system (must be 0).
     pub lost_writes: Vec<(String, u64)>,
+    /// Parts of the run that failed, and why.
+    pub failures: Vec<String>,
 }
 
 impl Report {
@@ -101,6 +103,9 @@ impl Report {
         }
         for (sys, n) in &self.lost_writes {
             s.push_str(&format!("\nacknowledged writes lost by {sys}: {n}"));
+        }
+        for f in &self.failures {
+            s.push_str(&format!("\nFAILED: {f}"));
         }
         s
     }

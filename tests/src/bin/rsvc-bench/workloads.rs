@@ -553,52 +553,27 @@ pub async fn run(o: Opts) -> Result<(), String> {
     };
     eprintln!("rsvc-bench: data in {} ({})", dir.display(), rep.machine);
 
+    // Each part runs on its own systems; a part that fails is reported in the table and the
+    // run goes on, so that one failure does not cost the figures of the others.
     let fsync = fsync_floor(&dir, if o.quick { 200 } else { 2000 })?;
-    // Production defaults on both sides: rsvc 1000-2000 ms / 100 ms, etcd 1000 / 100.
-    let d = Timers::defaults();
-    let mut sys = RsvcSystem::start(&dir.join("rsvc-defaults"), cmd.clone(), 3, d).await?;
-    ready_pool(&sys).await?;
-    let mut etcd = EtcdCluster::start(&dir.join("etcd-defaults"), 3, 100, 1000).await?;
-    let rtt = rtt_floor(&sys, if o.quick { 200 } else { 2000 }).await?;
-    let floor_ms = fsync.p50 + rtt.p50;
-    {
-        let r = rep.row("floor: fdatasync of 4 KiB, p50", "ms", Better::Lower);
-        r.floor = Some(fsync.p50);
-        let r = rep.row("floor: empty gRPC round trip, p50", "ms", Better::Lower);
-        r.floor = Some(rtt.p50);
+    let r = rep.row("floor: fdatasync of 4 KiB, p50", "ms", Better::Lower);
+    r.floor = Some(fsync.p50);
+    if let Err(e) = defaults_part(&mut rep, &o, &dir, &cmd, fsync.p50).await {
+        rep.failures.push(format!(
+            "writes, reads, failover and hand-over with defaults: {e}"
+        ));
     }
-    writes(&mut rep, &o, &sys, &etcd, floor_ms).await?;
-    reads(&mut rep, &o, &sys, &etcd, rtt.p50).await?;
-    let setting = format!(
-        "defaults (rsvc {}-{}/{} ms, etcd 1000/100)",
-        d.election_min_ms, d.election_max_ms, d.heartbeat_ms
-    );
-    failovers(&mut rep, &o, &mut sys, &mut etcd, &setting, false).await?;
-    failovers(&mut rep, &o, &mut sys, &mut etcd, &setting, true).await?;
-    drop(sys);
-    drop(etcd);
-
-    // Matched fast timers: an election timeout of 300 ms and a heartbeat of 50 ms on both.
-    let f = Timers::matched(300, 50);
-    let mut sys = RsvcSystem::start(&dir.join("rsvc-fast"), cmd.clone(), 3, f).await?;
-    ready_pool(&sys).await?;
-    let mut etcd = EtcdCluster::start(&dir.join("etcd-fast"), 3, 50, 300).await?;
-    failovers(
-        &mut rep,
-        &o,
-        &mut sys,
-        &mut etcd,
-        "matched timers (300/50 ms)",
-        false,
-    )
-    .await?;
-    drop(sys);
-    drop(etcd);
-
+    if let Err(e) = fast_part(&mut rep, &o, &dir, &cmd).await {
+        rep.failures.push(format!("failover with matched timers: {e}"));
+    }
     let mib = o.snapshot_mib();
     let floor = crate::snapshot::write_floor(&dir, mib)?;
-    crate::snapshot::run(&mut rep, &dir, cmd.clone(), mib, floor).await?;
-    crate::scale::run(&mut rep, &dir, cmd, &o.instances(), o.idle()).await?;
+    if let Err(e) = crate::snapshot::run(&mut rep, &dir, cmd.clone(), mib, floor).await {
+        rep.failures.push(format!("snapshot install: {e}"));
+    }
+    if let Err(e) = crate::scale::run(&mut rep, &dir, cmd, &o.instances(), o.idle()).await {
+        rep.failures.push(format!("scale: {e}"));
+    }
 
     let table = rep.table();
     if o.json {
@@ -614,7 +589,50 @@ pub async fn run(o: Opts) -> Result<(), String> {
     if lost > 0 {
         return Err(format!("{lost} acknowledged writes were lost"));
     }
+    if !rep.failures.is_empty() {
+        return Err(format!(
+            "{} part(s) failed: {}",
+            rep.failures.len(),
+            rep.failures.join("; ")
+        ));
+    }
     Ok(())
+}
+
+/// Production defaults on both sides (rsvc 1000-2000 ms / 100 ms, etcd 1000 / 100): writes,
+/// reads, kill -9 failover and SIGTERM hand-over.
+async fn defaults_part(
+    rep: &mut Report,
+    o: &Opts,
+    dir: &Path,
+    cmd: &EngineCmd,
+    fsync_ms: f64,
+) -> Result<(), String> {
+    let d = Timers::defaults();
+    let mut sys = RsvcSystem::start(&dir.join("rsvc-defaults"), cmd.clone(), 3, d).await?;
+    ready_pool(&sys).await?;
+    let mut etcd = EtcdCluster::start(&dir.join("etcd-defaults"), 3, 100, 1000).await?;
+    let rtt = rtt_floor(&sys, if o.quick { 200 } else { 2000 }).await?;
+    let r = rep.row("floor: empty gRPC round trip, p50", "ms", Better::Lower);
+    r.floor = Some(rtt.p50);
+    writes(rep, o, &sys, &etcd, fsync_ms + rtt.p50).await?;
+    reads(rep, o, &sys, &etcd, rtt.p50).await?;
+    let setting = format!(
+        "defaults (rsvc {}-{}/{} ms, etcd 1000/100)",
+        d.election_min_ms, d.election_max_ms, d.heartbeat_ms
+    );
+    failovers(rep, o, &mut sys, &mut etcd, &setting, false).await?;
+    failovers(rep, o, &mut sys, &mut etcd, &setting, true).await
+}
+
+/// Matched fast timers, an election timeout of 300 ms and a heartbeat of 50 ms on both:
+/// kill -9 failover.
+async fn fast_part(rep: &mut Report, o: &Opts, dir: &Path, cmd: &EngineCmd) -> Result<(), String> {
+    let f = Timers::matched(300, 50);
+    let mut sys = RsvcSystem::start(&dir.join("rsvc-fast"), cmd.clone(), 3, f).await?;
+    ready_pool(&sys).await?;
+    let mut etcd = EtcdCluster::start(&dir.join("etcd-fast"), 3, 50, 300).await?;
+    failovers(rep, o, &mut sys, &mut etcd, "matched timers (300/50 ms)", false).await
 }
 
 fn machine() -> String {
