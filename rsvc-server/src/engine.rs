@@ -487,9 +487,10 @@ impl Engine {
     /// Stops the engine: every led instance is handed to a caught-up peer (or, failing that,
     /// resigned), every replica stops, then the listener closes.
     pub async fn shutdown(&self) {
-        self.inner.stopping.store(true, Ordering::SeqCst);
-        // NB: hosts stay registered during the handover: the new leader must still reach this
-        // replica to tell it that leadership moved.
+        // NB: hosts stay registered, and led instances keep serving, during the handover: the
+        // new leader must still reach this replica to tell it that leadership moved, and a
+        // young leader serves on while it waits to be old enough to hand over (see
+        // `rdb::Db::transfer_leadership`). Only then does the engine refuse new calls.
         let hosts: Vec<Arc<Host>> = self.hosts();
         // Hand every led instance to a caught-up peer first, so that clients see a leader
         // change within a round trip rather than an election timeout.
@@ -508,6 +509,7 @@ impl Engine {
             }
         });
         futures::future::join_all(handovers).await;
+        self.inner.stopping.store(true, Ordering::SeqCst);
         let hosts: Vec<Arc<Host>> = self
             .inner
             .hosts

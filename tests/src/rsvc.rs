@@ -90,6 +90,8 @@ pub struct RsvcSystem {
     cmd: EngineCmd,
     /// The engines by rank.
     pub engines: BTreeMap<u32, Engine>,
+    /// The raft timers every engine runs with.
+    pub timers: Timers,
     conns: Connections,
 }
 
@@ -143,6 +145,7 @@ impl RsvcSystem {
             dir: dir.to_path_buf(),
             cmd,
             engines,
+            timers,
             conns: Connections::default(),
         };
         // All at once, as a supervisor would start them: the first access point bootstraps the

@@ -414,6 +414,19 @@ async fn rsvc_failover(
         gaps.push(gap.as_secs_f64() * 1000.0);
         debug_assert_ne!(new, leader);
         sys.restart(leader).await?;
+        // NB: a restarted rdb replica grants no vote for election_timeout_max (it does not
+        // remember which leader's read lease it promised to respect). Until then the group
+        // would not survive the next kill, so the next trial waits for that window to pass:
+        // the recovery an operator must allow between two failures, which etcd does not need.
+        let hold = Duration::from_millis(sys.timers.election_max_ms);
+        let restarted = Instant::now();
+        wait_for(
+            "the restarted replica's no-vote window",
+            DEADLINE,
+            Duration::from_millis(50),
+            || async { (restarted.elapsed() >= hold).then_some(()) },
+        )
+        .await?;
         pb.finish_and_clear();
     }
     let acked = w.finish().await;
