@@ -6,6 +6,17 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{serve, Started, System, CONT_SVC, POOL_SVC};
 
+/// Asserts that a `serve` exited with status 2, before `ready`, saying `why`.
+fn refused(started: Started, what: &str, why: &str) {
+    match started {
+        Started::Ready(_) => panic!("{what}"),
+        Started::Exited { code, stderr } => {
+            assert_eq!(code, Some(2), "{stderr}");
+            assert!(stderr.contains(why), "{stderr}");
+        }
+    }
+}
+
 fn leader_of(sys: &System, label: &str) -> u64 {
     sys.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["leader"]
         .as_u64()
@@ -74,28 +85,21 @@ async fn a_duplicate_rank_is_refused_and_exits() {
 
     let mut same_dir = sys.args(1, "127.0.0.1:0");
     same_dir.extend(aps.clone());
-    match serve(1, &same_dir, &sys.log("dup-same-dir"), &[]).await {
-        Started::Ready(_) => panic!("a second engine on rank 1's data directory became ready"),
-        Started::Exited { code, stderr } => {
-            assert_eq!(code, Some(2), "{stderr}");
-            assert!(stderr.contains("in use by another engine"), "{stderr}");
-        }
-    }
+    refused(
+        serve(1, &same_dir, &sys.log("dup-same-dir"), &[]).await,
+        "a second engine on rank 1's data directory became ready",
+        "in use by another engine",
+    );
 
     let mut new_dir = sys.args(1, "127.0.0.1:0");
     let i = new_dir.iter().position(|a| a == "--data-dir").unwrap();
     new_dir[i + 1] = sys.tmp.path().join("elsewhere").display().to_string();
     new_dir.extend(aps);
-    match serve(1, &new_dir, &sys.log("dup-new-dir"), &[]).await {
-        Started::Ready(_) => panic!("a second engine of live rank 1 became ready"),
-        Started::Exited { code, stderr } => {
-            assert_eq!(code, Some(2), "{stderr}");
-            assert!(
-                stderr.contains(&format!("rank 1 is alive at {rank1}")),
-                "{stderr}"
-            );
-        }
-    }
+    refused(
+        serve(1, &new_dir, &sys.log("dup-new-dir"), &[]).await,
+        "a second engine of live rank 1 became ready",
+        &format!("rank 1 is alive at {rank1}"),
+    );
     // The real rank 1 still owns its entry.
     let status = sys.json(POOL_SVC, &["system", "status", "--json"]);
     let r1 = status["ranks"]
@@ -117,13 +121,11 @@ async fn an_engine_of_another_cluster_is_refused() {
     let i = args.iter().position(|a| a == "cli").unwrap();
     args[i] = "prod".into();
     args.extend(["--access-point".to_string(), sys.aps.clone()]);
-    match serve(4, &args, &sys.log("other-cluster"), &[]).await {
-        Started::Ready(_) => panic!("an engine of cluster prod joined cluster cli"),
-        Started::Exited { code, stderr } => {
-            assert_eq!(code, Some(2), "{stderr}");
-            assert!(stderr.contains("cluster \"prod\""), "{stderr}");
-        }
-    }
+    refused(
+        serve(4, &args, &sys.log("other-cluster"), &[]).await,
+        "an engine of cluster prod joined cluster cli",
+        "cluster \"prod\"",
+    );
     let status = sys.json(POOL_SVC, &["system", "status", "--json"]);
     assert_eq!(status["ranks"].as_array().unwrap().len(), 3, "{status}");
 }
@@ -140,13 +142,11 @@ async fn serve_takes_access_points_from_the_environment_and_needs_some() {
     sys.wait_ranks(4);
 
     let lone = sys.args(5, "127.0.0.1:0");
-    match serve(5, &lone, &sys.log("no-aps"), &[]).await {
-        Started::Ready(_) => panic!("an engine without access points became ready"),
-        Started::Exited { code, stderr } => {
-            assert_eq!(code, Some(2), "{stderr}");
-            assert!(stderr.contains("no access points"), "{stderr}");
-        }
-    }
+    refused(
+        serve(5, &lone, &sys.log("no-aps"), &[]).await,
+        "an engine without access points became ready",
+        "no access points",
+    );
 }
 
 /// `--timeout` did not bound the command: the locate phase had its own 10 s deadline, and the
