@@ -97,6 +97,36 @@ pub enum JoinState {
     Refused(String),
 }
 
+/// The hosted replicas, indexed both ways: by class and instance for the client path, and by
+/// database id for raft messages, so that routing one costs O(1) however many instances the
+/// engine hosts.
+#[derive(Default)]
+struct Registry {
+    by_name: HashMap<(String, String), Arc<Host>>,
+    by_db: HashMap<rdb::DbId, Arc<Host>>,
+}
+
+impl Registry {
+    fn insert(&mut self, host: Arc<Host>) {
+        let key = (host.class.clone(), host.instance.clone());
+        if let Some(old) = self.by_name.insert(key, host.clone()) {
+            self.by_db.remove(&old.db.ident().db);
+        }
+        self.by_db.insert(host.db.ident().db, host);
+    }
+
+    fn remove(&mut self, class: &str, instance: &str) -> Option<Arc<Host>> {
+        let host = self.by_name.remove(&(class.to_string(), instance.to_string()))?;
+        self.by_db.remove(&host.db.ident().db);
+        Some(host)
+    }
+
+    fn drain(&mut self) -> Vec<Arc<Host>> {
+        self.by_db.clear();
+        self.by_name.drain().map(|(_, h)| h).collect()
+    }
+}
+
 struct Inner {
     rank: u32,
     addr: String,
@@ -105,7 +135,7 @@ struct Inner {
     db_config: DbConfig,
     transport: Arc<GrpcTransport>,
     factories: HashMap<String, Arc<dyn ServiceFactory>>,
-    hosts: RwLock<HashMap<(String, String), Arc<Host>>>,
+    hosts: RwLock<Registry>,
     stopping: AtomicBool,
     shutdown: watch::Sender<bool>,
     /// Random per process: tells this engine from an earlier or later one of the same rank.
@@ -195,7 +225,7 @@ impl Engine {
                 .into_iter()
                 .map(|f| (f.class().to_string(), f))
                 .collect(),
-            hosts: RwLock::new(HashMap::new()),
+            hosts: RwLock::new(Registry::default()),
             stopping: AtomicBool::new(false),
             shutdown,
             incarnation: rand::random(),
@@ -399,11 +429,7 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownClass(class.into()))?;
         let db = Db::start(dir, self.options()).await?;
         let host = Host::start(class, instance, db.clone(), factory.create(instance));
-        self.inner
-            .hosts
-            .write()
-            .expect("lock")
-            .insert((class.to_string(), instance.to_string()), host);
+        self.inner.hosts.write().expect("lock").insert(host);
         Ok(db)
     }
 
@@ -413,13 +439,21 @@ impl Engine {
             .hosts
             .read()
             .expect("lock")
+            .by_name
             .get(&(class.to_string(), instance.to_string()))
             .cloned()
     }
 
     /// Every hosted replica.
     pub fn hosts(&self) -> Vec<Arc<Host>> {
-        self.inner.hosts.read().expect("lock").values().cloned().collect()
+        self.inner
+            .hosts
+            .read()
+            .expect("lock")
+            .by_name
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Creates and starts a replica here (DAOS `dist_start`). With a non-empty `bootstrap`
@@ -466,12 +500,7 @@ impl Engine {
 
     /// Stops a hosted replica and, with `destroy`, removes its files.
     pub async fn stop_replica(&self, class: &str, instance: &str, destroy: bool) -> Result<(), EngineError> {
-        let host = self
-            .inner
-            .hosts
-            .write()
-            .expect("lock")
-            .remove(&(class.to_string(), instance.to_string()));
+        let host = self.inner.hosts.write().expect("lock").remove(class, instance);
         let Some(host) = host else {
             return Err(EngineError::Rdb(rdb::Error::NotFound(format!(
                 "{class}/{instance}"
@@ -510,14 +539,7 @@ impl Engine {
         });
         futures::future::join_all(handovers).await;
         self.inner.stopping.store(true, Ordering::SeqCst);
-        let hosts: Vec<Arc<Host>> = self
-            .inner
-            .hosts
-            .write()
-            .expect("lock")
-            .drain()
-            .map(|(_, h)| h)
-            .collect();
+        let hosts: Vec<Arc<Host>> = self.inner.hosts.write().expect("lock").drain();
         for h in hosts {
             if let Err(e) = h.db.stop().await {
                 tracing::warn!(class = %h.class, instance = %h.instance, cause = %e, "stop failed");
@@ -645,7 +667,15 @@ impl pb::peer_server::Peer for PeerSvc {
             Ok(r) => r,
             Err(e) => return refuse(format!("malformed: {e}")),
         };
-        let host = self.0.hosts().into_iter().find(|h| h.db.ident().db == rpc.db);
+        let host = self
+            .0
+            .inner
+            .hosts
+            .read()
+            .expect("lock")
+            .by_db
+            .get(&rpc.db)
+            .cloned();
         let Some(host) = host else {
             return refuse(format!("no replica of db {} here", rpc.db));
         };
