@@ -79,8 +79,8 @@ async fn removing_the_leaders_replica_completes() {
 /// printed `ready` and took over the rank's entry in the system map.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_rank_is_refused_and_exits() {
-    let mut sys = System::start(3).await;
-    let rank1 = sys.engine(1).addr.clone();
+    let sys = System::start(3).await;
+    let rank1 = sys.rsvc.engines[&1].addr.clone();
     let aps = ["--access-point".to_string(), sys.aps.clone()];
 
     let mut same_dir = sys.args(1, "127.0.0.1:0");
@@ -325,14 +325,7 @@ async fn sigterm_right_after_a_transfer_costs_one_election() {
     let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
     assert_eq!(q["leader"], to);
     let term = q["term"].as_u64().unwrap();
-    let e = sys.engine(to as u32);
-    let pid = rustix::process::Pid::from_raw(e.child.id().unwrap() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let status = tokio::time::timeout(common::DEADLINE, e.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "the engine stopped cleanly: {status:?}");
+    sys.rsvc.stop(to as u32).await.unwrap();
     let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
     assert_ne!(q["leader"], to);
     assert_eq!(

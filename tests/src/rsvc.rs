@@ -68,6 +68,44 @@ impl Timers {
             election_max_ms: election_ms * 2,
         }
     }
+
+    /// What `--fast-timers` gives an engine (rdb's `DbConfig::fast`), for tests.
+    pub fn fast() -> Self {
+        let f = rdb::DbConfig::fast();
+        Timers {
+            heartbeat_ms: f.heartbeat.as_millis() as u64,
+            election_min_ms: f.election_timeout.0.as_millis() as u64,
+            election_max_ms: f.election_timeout.1.as_millis() as u64,
+        }
+    }
+}
+
+/// The shape of a system to start.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// How many engines, ranks `1..=engines`.
+    pub engines: u32,
+    /// How many of them (the lowest ranks) are access points; the others only know them.
+    pub access_points: u32,
+    /// The cluster name every engine is configured with.
+    pub cluster: String,
+    /// The raft timers of every engine.
+    pub timers: Timers,
+    /// More `[raft]` settings (TOML lines) for every engine.
+    pub raft_extra: String,
+}
+
+impl Spec {
+    /// `engines` engines, every one an access point, of cluster `bench`, with `timers`.
+    pub fn new(engines: u32, timers: Timers) -> Self {
+        Spec {
+            engines,
+            access_points: engines,
+            cluster: "bench".into(),
+            timers,
+            raft_extra: String::new(),
+        }
+    }
 }
 
 /// One engine of a [`RsvcSystem`].
@@ -76,6 +114,8 @@ pub struct Engine {
     pub rank: u32,
     /// Where it listens (and is dialled).
     pub addr: String,
+    /// Whether it is an access point.
+    pub access_point: bool,
     /// Its config file.
     pub config: PathBuf,
     /// The running process, if it runs.
@@ -88,6 +128,8 @@ pub struct Engine {
 pub struct RsvcSystem {
     dir: PathBuf,
     cmd: EngineCmd,
+    /// The cluster name.
+    pub cluster: String,
     /// The engines by rank.
     pub engines: BTreeMap<u32, Engine>,
     /// The raft timers every engine runs with.
@@ -99,35 +141,43 @@ impl RsvcSystem {
     /// Starts `n` engines (all access points) with `timers`, data under `dir`, and waits
     /// until every one has joined.
     pub async fn start(dir: &Path, cmd: EngineCmd, n: u32, timers: Timers) -> Result<RsvcSystem, String> {
-        Self::start_with(dir, cmd, n, timers, "").await
+        Self::start_spec(dir, cmd, Spec::new(n, timers)).await
     }
 
-    /// [`start`](Self::start) with more `[raft]` settings (TOML lines) for every engine.
-    pub async fn start_with(
-        dir: &Path,
-        cmd: EngineCmd,
-        n: u32,
-        timers: Timers,
-        raft_extra: &str,
-    ) -> Result<RsvcSystem, String> {
+    /// Starts the system `spec` describes, data under `dir`, and waits until every engine
+    /// has joined.
+    pub async fn start_spec(dir: &Path, cmd: EngineCmd, spec: Spec) -> Result<RsvcSystem, String> {
+        if spec.access_points == 0 || spec.access_points > spec.engines {
+            return Err(format!(
+                "{} access points of {} engines",
+                spec.access_points, spec.engines
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut addrs = Vec::new();
-        for rank in 1..=n {
+        for rank in 1..=spec.engines {
             addrs.push((rank, format!("127.0.0.1:{}", free_port()?)));
         }
-        let aps: Vec<String> = addrs.iter().map(|(r, a)| format!("\"{r}@{a}\"")).collect();
+        let aps: Vec<String> = addrs
+            .iter()
+            .take(spec.access_points as usize)
+            .map(|(r, a)| format!("\"{r}@{a}\""))
+            .collect();
+        let t = spec.timers;
         let mut engines = BTreeMap::new();
         for (rank, addr) in &addrs {
             let config = dir.join(format!("engine{rank}.toml"));
             let toml = format!(
-                "rank = {rank}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ncluster = \"bench\"\n\
+                "rank = {rank}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ncluster = \"{}\"\n\
                  access_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
-                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{raft_extra}\n",
-                dir.join(format!("engine{rank}")).display(),
+                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{}\n",
+                Self::data_dir_in(dir, *rank).display(),
+                spec.cluster,
                 aps.join(", "),
-                timers.heartbeat_ms,
-                timers.election_min_ms,
-                timers.election_max_ms,
+                t.heartbeat_ms,
+                t.election_min_ms,
+                t.election_max_ms,
+                spec.raft_extra,
             );
             std::fs::write(&config, toml).map_err(|e| format!("{}: {e}", config.display()))?;
             engines.insert(
@@ -135,6 +185,7 @@ impl RsvcSystem {
                 Engine {
                     rank: *rank,
                     addr: addr.clone(),
+                    access_point: *rank <= spec.access_points,
                     config,
                     proc: None,
                     paused: false,
@@ -144,47 +195,75 @@ impl RsvcSystem {
         let mut sys = RsvcSystem {
             dir: dir.to_path_buf(),
             cmd,
+            cluster: spec.cluster,
             engines,
-            timers,
+            timers: t,
             conns: Connections::default(),
         };
         // All at once, as a supervisor would start them: the first access point bootstraps the
         // management service, the others join as soon as it answers.
-        for rank in 1..=n {
+        for rank in 1..=spec.engines {
             sys.spawn(rank)?;
         }
-        for rank in 1..=n {
+        for rank in 1..=spec.engines {
             sys.wait_ready(rank).await?;
         }
         Ok(sys)
     }
 
+    fn data_dir_in(dir: &Path, rank: u32) -> PathBuf {
+        dir.join(format!("engine{rank}"))
+    }
+
+    /// The data directory of the engine of `rank`.
+    pub fn data_dir(&self, rank: u32) -> PathBuf {
+        Self::data_dir_in(&self.dir, rank)
+    }
+
+    /// The log (stderr) of the engine of `rank`.
+    pub fn log(&self, rank: u32) -> PathBuf {
+        self.dir.join(format!("engine{rank}.log"))
+    }
+
     fn spawn(&mut self, rank: u32) -> Result<(), String> {
+        let log = self.log(rank);
         let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
         let mut cmd = Command::new(&self.cmd.program);
         cmd.args(&self.cmd.prefix).arg("--config").arg(&e.config);
         cmd.env("RUST_LOG", "info,openraft=warn,h2=warn,tower=warn,hyper=warn");
         cmd.env_remove("RSVC_ACCESS_POINTS");
-        e.proc = Some(Proc::spawn(cmd, &self.dir.join(format!("engine{rank}.log")))?);
+        e.proc = Some(Proc::spawn(cmd, &log)?);
         e.paused = false;
         Ok(())
     }
 
     async fn wait_ready(&mut self, rank: u32) -> Result<(), String> {
+        let log = self.log(rank);
         let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
         let p = e.proc.as_mut().ok_or("not running")?;
-        p.line_with(" ready ", DEADLINE).await.map_err(|err| {
-            format!(
-                "engine {rank}: {err} (see {})",
-                self.dir.join(format!("engine{rank}.log")).display()
-            )
-        })?;
+        p.line_with(" ready ", DEADLINE)
+            .await
+            .map_err(|err| format!("engine {rank}: {err} (see {})", log.display()))?;
         Ok(())
     }
 
     /// The access points, `(rank, addr)`.
     pub fn access_points(&self) -> Vec<(u32, String)> {
-        self.engines.values().map(|e| (e.rank, e.addr.clone())).collect()
+        self.engines
+            .values()
+            .filter(|e| e.access_point)
+            .map(|e| (e.rank, e.addr.clone()))
+            .collect()
+    }
+
+    /// The access points as the `--access-point` flag spells them: `1@addr,2@addr,...`.
+    pub fn access_point_flag(&self) -> String {
+        let aps: Vec<String> = self
+            .access_points()
+            .iter()
+            .map(|(r, a)| format!("{r}@{a}"))
+            .collect();
+        aps.join(",")
     }
 
     /// A client of the management service.

@@ -1,6 +1,7 @@
-//! A system of real `pool-svc serve` processes on loopback for the binaries' end-to-end tests.
-//! Every engine is killed when its handle drops (`kill_on_drop`), and the data lives in a
-//! temporary directory removed with the [`System`], so a failing test leaves nothing behind.
+//! The binaries' end-to-end tests: a system of real `pool-svc serve` processes on loopback
+//! (rsvc-tests' [`RsvcSystem`]: every engine dies with its handle and with the test process),
+//! its data in a temporary directory removed with the [`System`], and the client commands run
+//! as a user runs them. A failing test leaves nothing behind.
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -29,12 +31,14 @@ pub enum Started {
     Exited { code: Option<i32>, stderr: String },
 }
 
-/// Engine processes of one cluster, and their data.
+/// A system of `pool-svc serve` engines (rsvc-tests' harness), and the client commands a user
+/// would run against it.
 pub struct System {
-    pub tmp: TempDir,
-    pub engines: Vec<Option<Engine>>,
+    /// The engines; dropped (killed) before their data directory.
+    pub rsvc: RsvcSystem,
     /// `rank@addr,...` of the access points.
     pub aps: String,
+    pub tmp: TempDir,
 }
 
 /// Starts `pool-svc serve` with `args`, waits for its ready line or its exit, and returns
@@ -87,23 +91,15 @@ impl System {
     /// `n` engines, all access points, of cluster `cli`, with fast timers.
     pub async fn start(n: u32) -> System {
         let tmp = TempDir::new().unwrap();
-        let mut sys = System {
-            tmp,
-            engines: Vec::new(),
-            aps: String::new(),
+        let spec = Spec {
+            cluster: "cli".into(),
+            ..Spec::new(n, Timers::fast())
         };
-        let mut aps: Vec<String> = Vec::new();
-        for rank in 1..=n {
-            let mut args = sys.args(rank, "127.0.0.1:0");
-            for a in &aps {
-                args.extend(["--access-point".to_string(), a.clone()]);
-            }
-            args.extend(["--access-point".to_string(), format!("{rank}@")]);
-            let e = sys.start_engine(rank, &args).await;
-            aps.push(format!("{rank}@{}", e.addr));
-            sys.engines.push(Some(e));
-        }
-        sys.aps = aps.join(",");
+        let rsvc = RsvcSystem::start_spec(tmp.path(), EngineCmd::pool_svc(POOL_SVC), spec)
+            .await
+            .unwrap();
+        let aps = rsvc.access_point_flag();
+        let sys = System { rsvc, aps, tmp };
         sys.wait_ranks(n as usize);
         sys
     }
@@ -128,25 +124,11 @@ impl System {
     }
 
     pub fn data_dir(&self, rank: u32) -> PathBuf {
-        self.tmp.path().join(format!("e{rank}"))
+        self.rsvc.data_dir(rank)
     }
 
     pub fn log(&self, name: &str) -> PathBuf {
         self.tmp.path().join(format!("{name}.log"))
-    }
-
-    /// Starts an engine that must become ready.
-    pub async fn start_engine(&self, rank: u32, args: &[String]) -> Engine {
-        let log = self.log(&format!("engine{rank}-{}", rand_suffix()));
-        match serve(rank, args, &log, &[]).await {
-            Started::Ready(e) => e,
-            Started::Exited { code, stderr } => panic!("engine {rank} exited ({code:?}): {stderr}"),
-        }
-    }
-
-    /// The engine of `rank`.
-    pub fn engine(&mut self, rank: u32) -> &mut Engine {
-        self.engines[(rank - 1) as usize].as_mut().unwrap()
     }
 
     /// Runs a client command against this system, as a user would: no `RUST_LOG`.
@@ -209,10 +191,4 @@ impl System {
             std::thread::sleep(POLL);
         }
     }
-}
-
-fn rand_suffix() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rsvc_tests::etcd::EtcdCluster;
-use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Timers};
+use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
 use rsvc_tests::{wait_for, DEADLINE};
 
 use crate::report::{Better, Report};
@@ -53,14 +53,11 @@ pub async fn run(
     let value = vec![b's'; VALUE_BYTES];
 
     // rsvc: a pool on ranks 1 and 2 of a 3-engine system; rank 3 joins it.
-    let sys = RsvcSystem::start_with(
-        &dir.join("rsvc-snapshot"),
-        cmd,
-        3,
-        Timers::defaults(),
-        "snapshot_every_entries = 1000\nkeep_log_behind_snapshot = 1000",
-    )
-    .await?;
+    let spec = Spec {
+        raft_extra: "snapshot_every_entries = 1000\nkeep_log_behind_snapshot = 1000".into(),
+        ..Spec::new(3, Timers::defaults())
+    };
+    let sys = RsvcSystem::start_spec(&dir.join("rsvc-snapshot"), cmd, spec).await?;
     sys.create_pool("snap", 2).await?;
     sys.leader("pool", "snap", DEADLINE).await?;
     let ranks = sys
