@@ -12,6 +12,7 @@
 //! Debian's `etcd-server`. Both listen on 127.0.0.1, keep their data in the same directory, and
 //! fsync as they do in production. The clients run in this process.
 
+mod lease;
 mod report;
 mod scale;
 mod snapshot;
@@ -42,6 +43,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EngineCmd,
     },
+    /// A participant of the etcd lease-election pattern (see the `lease` workload).
+    #[command(hide = true)]
+    Campaign(lease::CampaignArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,9 +84,38 @@ pub struct Opts {
     /// Seconds of the quiet window in which the scale workload measures idle CPU.
     #[arg(long)]
     pub idle_seconds: Option<f64>,
+    /// Run only these parts (comma-separated; default: all). The floors are always measured.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub only: Vec<Part>,
+}
+
+/// The parts of a run, as `--only` names them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Durable writes at each concurrency.
+    Writes,
+    /// Linearizable reads at each concurrency.
+    Reads,
+    /// kill -9 of the leader, production default timers.
+    Failover,
+    /// SIGTERM of the leader (graceful hand-over), production default timers.
+    Handover,
+    /// kill -9 of the leader, matched fast timers (300/50 ms).
+    Fast,
+    /// The etcd lease-election pattern (a leader key on a 5 s lease) against rsvc's failover.
+    Lease,
+    /// A new replica joining a large state.
+    Snapshot,
+    /// Many idle service instances.
+    Scale,
 }
 
 impl Opts {
+    /// Whether this run includes `part`.
+    pub fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+
     /// Seconds per throughput point.
     pub fn seconds(&self) -> Duration {
         Duration::from_secs_f64(self.seconds.unwrap_or(if self.quick { 1.0 } else { 10.0 }))
@@ -133,6 +166,13 @@ fn main() -> std::process::ExitCode {
                 .await
                 .map_err(|e| (2, e))
         });
+    }
+    if let Some(Cmd::Campaign(args)) = cli.cmd {
+        return rsvc_server::cli::run_main(
+            "rsvc-bench campaign",
+            rsvc_server::cli::Logging::Command,
+            async { lease::campaign(args).await.map_err(|e| (2, e)) },
+        );
     }
     rsvc_server::cli::run_main("rsvc-bench", rsvc_server::cli::Logging::Command, async {
         workloads::run(cli.opts).await.map_err(|e| (1, e))

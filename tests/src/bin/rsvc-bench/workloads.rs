@@ -18,17 +18,17 @@ use rsvc_tests::rsvc::{EngineCmd, Pinger, RsvcSystem, Timers};
 use rsvc_tests::{wait_for, DEADLINE};
 
 use crate::report::{Better, Pcts, Report};
-use crate::Opts;
+use crate::{Opts, Part};
 
 const LABEL: &str = "bench";
-const VALUE: [u8; 256] = [b'v'; 256];
+pub(crate) const VALUE: [u8; 256] = [b'v'; 256];
 const READ_KEYS: usize = 1000;
 
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")
 }
 
-fn bar(msg: String) -> ProgressBar {
+pub(crate) fn bar(msg: String) -> ProgressBar {
     let b = ProgressBar::new_spinner();
     b.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("template"));
     b.set_message(msg);
@@ -137,7 +137,7 @@ fn cfg() -> ClientConfig {
 /// The per-attempt timeout of the failover writers, the same on both systems. A request that
 /// hangs on a dead member costs this much before the client tries elsewhere, so it is part of
 /// every client-observed gap; the server-side column does not depend on it.
-const FAILOVER_RPC_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const FAILOVER_RPC_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn failover_cfg() -> ClientConfig {
     ClientConfig {
@@ -301,14 +301,14 @@ async fn reads(
 }
 
 /// A writer that writes one key after another and records when each was acknowledged.
-struct Writer {
+pub(crate) struct Writer {
     acked: Arc<Mutex<Vec<(String, Instant)>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Writer {
-    fn start<F, Fut>(prefix: String, put: F) -> Writer
+    pub(crate) fn start<F, Fut>(prefix: String, put: F) -> Writer
     where
         F: Fn(String) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), String>> + Send,
@@ -342,7 +342,7 @@ impl Writer {
     /// the last one before `at` to the first one after `served`. (The first ack after `at`
     /// alone would be wrong: a write already committed when the fault hit may be acknowledged
     /// a moment later.)
-    async fn outage(&self, at: Instant, served: Instant) -> Result<Duration, String> {
+    pub(crate) async fn outage(&self, at: Instant, served: Instant) -> Result<Duration, String> {
         wait_for(
             "a write acknowledged after the new leader served",
             DEADLINE,
@@ -363,7 +363,7 @@ impl Writer {
             .unwrap_or_default())
     }
 
-    async fn finish(self) -> Vec<String> {
+    pub(crate) async fn finish(self) -> Vec<String> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         let acked = self.acked.lock().expect("lock");
@@ -372,7 +372,7 @@ impl Writer {
 }
 
 /// Waits until the writer has acknowledged writes again after `since`.
-async fn flowing(w: &Writer, since: Instant) -> Result<(), String> {
+pub(crate) async fn flowing(w: &Writer, since: Instant) -> Result<(), String> {
     wait_for("writes to flow", DEADLINE, Duration::from_millis(5), || async {
         w.last_ack().filter(|t| *t > since).map(|_| ())
     })
@@ -517,7 +517,7 @@ async fn failovers(
     etcd: &mut EtcdCluster,
     setting: &str,
     graceful: bool,
-) -> Result<(), String> {
+) -> Result<Vec<f64>, String> {
     let kind = if graceful {
         "hand-over (SIGTERM)"
     } else {
@@ -537,7 +537,7 @@ async fn failovers(
     }
     rep.lost_writes.push((format!("rsvc, {kind}, {setting}"), rl));
     rep.lost_writes.push((format!("etcd, {kind}, {setting}"), el));
-    Ok(())
+    Ok(rg)
 }
 
 /// Creates the bench's pool and waits until it serves a write, so that no measurement
@@ -571,21 +571,34 @@ pub async fn run(o: Opts) -> Result<(), String> {
     let fsync = fsync_floor(&dir, if o.quick { 200 } else { 2000 })?;
     let r = rep.row("floor: fdatasync of 4 KiB, p50", "ms", Better::Lower);
     r.floor = Some(fsync.p50);
-    if let Err(e) = defaults_part(&mut rep, &o, &dir, &cmd, fsync.p50).await {
-        rep.failures.push(format!(
+    let mut rsvc_kill_gaps = None;
+    match defaults_part(&mut rep, &o, &dir, &cmd, fsync.p50).await {
+        Ok(gaps) => rsvc_kill_gaps = gaps,
+        Err(e) => rep.failures.push(format!(
             "writes, reads, failover and hand-over with defaults: {e}"
-        ));
+        )),
     }
-    if let Err(e) = fast_part(&mut rep, &o, &dir, &cmd).await {
-        rep.failures.push(format!("failover with matched timers: {e}"));
+    if o.runs(Part::Fast) {
+        if let Err(e) = fast_part(&mut rep, &o, &dir, &cmd).await {
+            rep.failures.push(format!("failover with matched timers: {e}"));
+        }
     }
-    let mib = o.snapshot_mib();
-    let floor = crate::snapshot::write_floor(&dir, mib)?;
-    if let Err(e) = crate::snapshot::run(&mut rep, &dir, cmd.clone(), mib, floor).await {
-        rep.failures.push(format!("snapshot install: {e}"));
+    if o.runs(Part::Lease) {
+        if let Err(e) = lease_part(&mut rep, &o, &dir, rsvc_kill_gaps.as_deref()).await {
+            rep.failures.push(format!("lease-election pattern: {e}"));
+        }
     }
-    if let Err(e) = crate::scale::run(&mut rep, &dir, cmd, &o.instances(), o.idle()).await {
-        rep.failures.push(format!("scale: {e}"));
+    if o.runs(Part::Snapshot) {
+        let mib = o.snapshot_mib();
+        let floor = crate::snapshot::write_floor(&dir, mib)?;
+        if let Err(e) = crate::snapshot::run(&mut rep, &dir, cmd.clone(), mib, floor).await {
+            rep.failures.push(format!("snapshot install: {e}"));
+        }
+    }
+    if o.runs(Part::Scale) {
+        if let Err(e) = crate::scale::run(&mut rep, &dir, cmd, &o.instances(), o.idle()).await {
+            rep.failures.push(format!("scale: {e}"));
+        }
     }
 
     let table = rep.table();
@@ -613,14 +626,21 @@ pub async fn run(o: Opts) -> Result<(), String> {
 }
 
 /// Production defaults on both sides (rsvc 1000-2000 ms / 100 ms, etcd 1000 / 100): writes,
-/// reads, kill -9 failover and SIGTERM hand-over.
+/// reads, kill -9 failover and SIGTERM hand-over, as far as `o` asks for them. Returns rsvc's
+/// kill -9 gaps, if measured, for the lease-election row.
 async fn defaults_part(
     rep: &mut Report,
     o: &Opts,
     dir: &Path,
     cmd: &EngineCmd,
     fsync_ms: f64,
-) -> Result<(), String> {
+) -> Result<Option<Vec<f64>>, String> {
+    if ![Part::Writes, Part::Reads, Part::Failover, Part::Handover]
+        .iter()
+        .any(|p| o.runs(*p))
+    {
+        return Ok(None);
+    }
     let d = Timers::defaults();
     let mut sys = RsvcSystem::start(&dir.join("rsvc-defaults"), cmd.clone(), 3, d).await?;
     ready_pool(&sys).await?;
@@ -628,14 +648,46 @@ async fn defaults_part(
     let rtt = rtt_floor(&sys, if o.quick { 200 } else { 2000 }).await?;
     let r = rep.row("floor: empty gRPC round trip, p50", "ms", Better::Lower);
     r.floor = Some(rtt.p50);
-    writes(rep, o, &sys, &etcd, fsync_ms + rtt.p50).await?;
-    reads(rep, o, &sys, &etcd, rtt.p50).await?;
+    if o.runs(Part::Writes) {
+        writes(rep, o, &sys, &etcd, fsync_ms + rtt.p50).await?;
+    }
+    if o.runs(Part::Reads) {
+        reads(rep, o, &sys, &etcd, rtt.p50).await?;
+    }
     let setting = format!(
         "defaults (rsvc {}-{}/{} ms, etcd 1000/100)",
         d.election_min_ms, d.election_max_ms, d.heartbeat_ms
     );
-    failovers(rep, o, &mut sys, &mut etcd, &setting, false).await?;
-    failovers(rep, o, &mut sys, &mut etcd, &setting, true).await
+    let mut gaps = None;
+    if o.runs(Part::Failover) {
+        gaps = Some(failovers(rep, o, &mut sys, &mut etcd, &setting, false).await?);
+    }
+    if o.runs(Part::Handover) {
+        failovers(rep, o, &mut sys, &mut etcd, &setting, true).await?;
+    }
+    Ok(gaps)
+}
+
+/// The etcd lease-election pattern (a 5 s lease) against rsvc's kill -9 failover with
+/// production defaults (`rsvc_gaps`, if that part ran).
+async fn lease_part(rep: &mut Report, o: &Opts, dir: &Path, rsvc_gaps: Option<&[f64]>) -> Result<(), String> {
+    let (eg, ee, el) = crate::lease::run(dir, o.trials()).await?;
+    let kind = "failover (kill -9), rsvc defaults vs etcd lease-election pattern (5 s lease)";
+    for (what, r, e) in [
+        ("client gap p50", rsvc_gaps.and_then(median), median(&eg)),
+        (
+            "client gap max",
+            rsvc_gaps.and_then(|g| quantile(g, 1.0)),
+            quantile(&eg, 1.0),
+        ),
+        ("standby elected p50", None, median(&ee)),
+    ] {
+        let row = rep.row(format!("{kind}: {what}"), "ms", Better::Lower);
+        row.rsvc = r;
+        row.etcd = e;
+    }
+    rep.lost_writes.push(("etcd lease-election pattern".into(), el));
+    Ok(())
 }
 
 /// Matched fast timers, an election timeout of 300 ms and a heartbeat of 50 ms on both:
@@ -645,7 +697,8 @@ async fn fast_part(rep: &mut Report, o: &Opts, dir: &Path, cmd: &EngineCmd) -> R
     let mut sys = RsvcSystem::start(&dir.join("rsvc-fast"), cmd.clone(), 3, f).await?;
     ready_pool(&sys).await?;
     let mut etcd = EtcdCluster::start(&dir.join("etcd-fast"), 3, 50, 300).await?;
-    failovers(rep, o, &mut sys, &mut etcd, "matched timers (300/50 ms)", false).await
+    failovers(rep, o, &mut sys, &mut etcd, "matched timers (300/50 ms)", false).await?;
+    Ok(())
 }
 
 fn machine() -> String {
