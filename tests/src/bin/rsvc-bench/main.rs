@@ -84,6 +84,9 @@ pub struct Opts {
     /// Seconds of the quiet window in which the scale workload measures idle CPU.
     #[arg(long)]
     pub idle_seconds: Option<f64>,
+    /// Keep the data directories and engine logs after the run (default: removed).
+    #[arg(long)]
+    pub keep: bool,
     /// Run only these parts (comma-separated; default: all). The floors are always measured.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub only: Vec<Part>,

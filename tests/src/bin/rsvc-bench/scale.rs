@@ -49,7 +49,19 @@ pub async fn run(
         let t = Instant::now();
         let made = n.saturating_sub(have);
         for i in have..n {
-            sys.create_pool(&format!("idle{i:05}"), 3).await?;
+            if let Err(e) = sys.create_pool(&format!("idle{i:05}"), 3).await {
+                let r = rep.row(
+                    format!("scale: instances created before the first failure (of {n})"),
+                    "count",
+                    Better::Higher,
+                );
+                r.rsvc = Some(i as f64);
+                let busy = pids.iter().filter_map(|p| cpu_secs(*p)).sum::<f64>();
+                return Err(format!(
+                    "{e} (the engines had used {busy:.0} CPU seconds in all; see {})",
+                    sys.log(1).display()
+                ));
+            }
         }
         let create = t.elapsed();
         have = n;
@@ -74,6 +86,14 @@ pub async fn run(
             Better::Lower,
         );
         r.rsvc = Some(max_cores);
+        // The three engines share this machine's cores: their sum against the core count
+        // says when the machine, not an engine, is the limit.
+        let r = rep.row(
+            format!("scale: {n} idle instances, CPU of all 3 engines"),
+            "cores",
+            Better::Lower,
+        );
+        r.rsvc = Some(cores.iter().sum());
         let rss = pids.iter().filter_map(|p| rss_mib(*p)).fold(0.0, f64::max);
         let r = rep.row(
             format!("scale: {n} idle instances, RSS of the largest engine"),

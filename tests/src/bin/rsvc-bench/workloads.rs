@@ -555,6 +555,17 @@ pub async fn run(o: Opts) -> Result<(), String> {
         .tempdir_in(o.dir.clone().unwrap_or_else(|| PathBuf::from(".")))
         .map_err(|e| e.to_string())?;
     let dir = tmp.path().to_path_buf();
+    let r = run_in(&o, &dir).await;
+    if o.keep {
+        let kept = tmp.keep();
+        eprintln!("rsvc-bench: data and logs kept in {}", kept.display());
+    }
+    r
+}
+
+async fn run_in(o: &Opts, dir: &Path) -> Result<(), String> {
+    let o = o.clone();
+    let dir = dir.to_path_buf();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let cmd = EngineCmd {
         program: exe,
