@@ -16,7 +16,8 @@ pub struct DbConfig {
     pub snapshot_chunk_timeout: Duration,
     /// Bytes per snapshot chunk.
     pub snapshot_chunk_bytes: u64,
-    /// Build a snapshot (and purge the log behind it) every this many applied entries.
+    /// Build a snapshot (and purge the log behind it) every this many applied entries, where
+    /// the snapshot fits on the disk; rdb checks about once a second.
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind a snapshot, so that slightly lagging followers catch up
     /// from the log instead of a snapshot.
@@ -31,8 +32,9 @@ pub struct DbConfig {
     /// Log entries a leader has in flight at once; while they are, new transactions wait and
     /// form the next batch (group commit).
     pub max_inflight_batches: usize,
-    /// Below this much free space, non-critical transactions are refused with `NoSpace`
-    /// (DAOS: 4 MiB).
+    /// Below this much free space, plus the replica's upkeep (its next snapshot and redb's
+    /// file growth; see [`admission`](crate::admission)), non-critical transactions are
+    /// refused with `NoSpace` (DAOS: 4 MiB).
     pub no_append_free_bytes: u64,
     /// Below this much free space, even critical transactions are refused (DAOS: 16 KiB).
     pub critical_free_bytes: u64,
@@ -121,7 +123,8 @@ impl DbConfig {
             election_timeout_max: self.election_timeout.1.as_millis() as u64,
             install_snapshot_timeout: self.snapshot_chunk_timeout.as_millis() as u64,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            // rdb starts snapshots itself, where they fit (see `db::run_compactor`).
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.keep_log_behind_snapshot,
             max_payload_entries: self.max_append_entries,
             ..Default::default()

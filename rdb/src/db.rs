@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -259,7 +259,16 @@ impl Db {
             batch_rx,
             inner.shutdown.subscribe(),
         ));
-        inner.tasks.lock().expect("lock").extend([watcher, batcher]);
+        let compactor = tokio::spawn(run_compactor(
+            Arc::downgrade(&inner),
+            opts.config.snapshot_every_entries,
+            inner.shutdown.subscribe(),
+        ));
+        inner
+            .tasks
+            .lock()
+            .expect("lock")
+            .extend([watcher, batcher, compactor]);
         // NB: a replica that just started grants no votes for election_timeout_max (see
         // handle_rpc); it does not campaign then either, or candidates that cannot win would
         // inflate the term and depose whoever wins next.
@@ -466,15 +475,14 @@ impl Db {
         if self.up_term() != Some(term) {
             return Err(self.not_leader());
         }
-        match self.inner.admission.check(&ops, false)? {
-            Verdict::Admit => {}
-            Verdict::CompactAndRetry => {
-                self.compact(Duration::from_secs(2)).await;
-                if let Verdict::Refuse { free, needed } = self.inner.admission.check(&ops, true)? {
-                    return Err(Error::NoSpace { free, needed });
-                }
+        if let Verdict::Refuse { free, needed } = self.inner.admission.check(&ops)? {
+            // Refused at once, with nothing appended. A compaction may give space back for
+            // later transactions; it runs in the background, never on this call's time.
+            if self.inner.admission.compaction_slot() {
+                let db = self.clone();
+                tokio::spawn(async move { db.compact(COMPACT_TIMEOUT).await });
             }
-            Verdict::Refuse { free, needed } => return Err(Error::NoSpace { free, needed }),
+            return Err(Error::NoSpace { free, needed });
         }
         let size = ops.iter().map(Op::approx_size).sum();
         let (tx, rx) = oneshot::channel();
@@ -500,7 +508,12 @@ impl Db {
 
     /// Builds a snapshot now and purges the log behind it, waiting at most `timeout` for the
     /// snapshot. Returns whether it was built and the log purged.
+    /// Declines (returns false, and says why in the log) where the snapshot would not fit
+    /// with the critical floor to spare: compaction must never be what fills the disk.
     pub async fn compact(&self, timeout: Duration) -> bool {
+        if !self.snapshot_fits() {
+            return false;
+        }
         let raft = &self.inner.raft;
         let before = raft.metrics().borrow().snapshot;
         if raft.trigger().snapshot().await.is_err() {
@@ -527,6 +540,17 @@ impl Db {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Whether a snapshot fits now (see [`admission`](crate::admission)).
+    fn snapshot_fits(&self) -> bool {
+        match self.inner.admission.snapshot_fits() {
+            Ok(fits) => fits,
+            Err(e) => {
+                tracing::warn!(replica = %self.inner.ident.replica, cause = %e, "no snapshot");
+                false
+            }
         }
     }
 
@@ -898,6 +922,37 @@ fn own_addr(files: &storage::Files, me: NodeId) -> Result<String> {
 impl RpcHandler for Db {
     async fn handle_rpc(&self, rpc: RaftRpc) -> std::result::Result<Vec<u8>, Refusal> {
         Db::handle_rpc(self, rpc).await
+    }
+}
+
+/// How often a replica looks whether a snapshot is due.
+const COMPACTOR_PERIOD: Duration = Duration::from_secs(1);
+/// How long a background compaction after a refusal may wait for its snapshot.
+const COMPACT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds a snapshot once `every` entries were applied since the last one, where it fits.
+/// openraft's own snapshot policy is off: it would build one whether or not the disk can hold
+/// it, and an ENOSPC while building stops the raft core for good.
+async fn run_compactor(inner: Weak<Inner>, every: u64, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(COMPACTOR_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else { break };
+        let db = Db { inner };
+        let due = {
+            let m = db.inner.raft.metrics();
+            let m = m.borrow();
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            let snap = m.snapshot.map_or(0, |l| l.index);
+            applied.saturating_sub(snap) >= every
+        };
+        if due && db.snapshot_fits() {
+            let _ = db.inner.raft.trigger().snapshot().await;
+        }
     }
 }
 

@@ -66,9 +66,12 @@
 //!
 //! ## FREE SPACE
 //!
-//! Before appending, the leader checks `statvfs` of its directory against DAOS's two
-//! thresholds (see [`admission`]): ordinary transactions stop below 4 MiB, critical ones
-//! (deletes, destroys, small `update_critical`s) at 16 KiB. Refusals append nothing.
+//! Before appending, the leader checks `statvfs` of its directory (see [`admission`]).
+//! Ordinary transactions need DAOS's 4 MiB plus the replica's upkeep: room for its next
+//! snapshot and for redb to grow each file by its size. Critical ones (deletes, destroys, small
+//! `update_critical`s) need only 16 KiB. Refusals are immediate and append nothing. rdb starts
+//! snapshots itself, every `snapshot_every_entries` and only where they fit, so that
+//! compaction is never what fills the disk.
 //!
 //! ## CAVEATS
 //!

@@ -40,8 +40,8 @@ pub struct Identity {
 }
 
 const ID_FILE: &str = "replica.id";
-const LOG_FILE: &str = "log.redb";
-const SM_FILE: &str = "sm.redb";
+pub(crate) const LOG_FILE: &str = "log.redb";
+pub(crate) const SM_FILE: &str = "sm.redb";
 const SNAP_DIR: &str = "snapshots";
 
 pub(crate) struct Files {
