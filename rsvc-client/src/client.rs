@@ -343,7 +343,12 @@ impl<S: ServiceApi> RsvcClient<S> {
                         .map(ClientError::Service)
                         .unwrap_or_else(|e| ClientError::Codec(e.to_string())));
                 }
-                Err(Failure::Wire(e @ (WireError::Stale | WireError::NoHandle | WireError::Invalid(_)))) => {
+                // NB: NoSpace is final for this call: the leader refused before appending, and
+                // asking it again within the deadline only delays the answer (the caller may
+                // retry later, see `ClientError::is_retryable`).
+                Err(Failure::Wire(
+                    e @ (WireError::Stale | WireError::NoHandle | WireError::Invalid(_) | WireError::NoSpace),
+                )) => {
                     return Err(ClientError::Wire(e));
                 }
                 Err(f) => {

@@ -366,7 +366,10 @@ impl Host {
                 result: result.clone(),
             };
             let bytes = postcard::to_allocvec(&rec).map_err(|e| WireError::Invalid(e.to_string()))?;
-            tx.update(&svc_ops(), client_id.to_vec(), bytes);
+            // NB: critical, so that the record alone never turns an operator's delete or
+            // destroy into an ordinary transaction that low space refuses. It is small (a
+            // sequence number and a result), and the rest of the transaction still decides.
+            tx.update_critical(&svc_ops(), client_id.to_vec(), bytes);
         }
         tx.commit().await.map_err(|e| wire_of(&e))?;
         Ok(result)

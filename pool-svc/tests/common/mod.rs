@@ -90,7 +90,22 @@ pub async fn serve(rank: u32, args: &[String], log: &Path, env: &[(&str, &str)])
 impl System {
     /// `n` engines, all access points, of cluster `cli`, with fast timers.
     pub async fn start(n: u32) -> System {
+        Self::start_in(n, TempDir::new().unwrap()).await
+    }
+
+    /// [`start`](Self::start) with the engines' data directories under `data` (a filesystem
+    /// of the test's choosing); configs and logs stay in a temporary directory.
+    pub async fn start_with_data(n: u32, data: &Path) -> System {
         let tmp = TempDir::new().unwrap();
+        for rank in 1..=n {
+            let on = data.join(format!("engine{rank}"));
+            std::fs::create_dir_all(&on).unwrap();
+            std::os::unix::fs::symlink(&on, tmp.path().join(format!("engine{rank}"))).unwrap();
+        }
+        Self::start_in(n, tmp).await
+    }
+
+    async fn start_in(n: u32, tmp: TempDir) -> System {
         let spec = Spec {
             cluster: "cli".into(),
             ..Spec::new(n, Timers::fast())

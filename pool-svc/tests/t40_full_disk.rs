@@ -1,0 +1,190 @@
+//! A real full disk: three engines whose data share one small tmpfs, driven through the CLI
+//! as an operator meets it. Needs root to mount the tmpfs (CI runs as root).
+
+mod common;
+
+use std::path::Path;
+use std::time::Instant;
+
+use common::{System, POOL_SVC};
+use tempfile::TempDir;
+
+/// A tmpfs mounted on a temporary directory; unmounted (lazily) when dropped.
+struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    fn mount(mib: u64) -> Tmpfs {
+        let dir = TempDir::new().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs and needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn resize(&self, mib: u64) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(self.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(self.path()).unwrap();
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.path())
+            .status();
+    }
+}
+
+/// Three engines with their data directories on `fs`.
+async fn system_on(fs: &Tmpfs) -> System {
+    System::start_with_data(3, fs.path()).await
+}
+
+fn create(sys: &System, label: &str) {
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", label, "--replicas", "3", "--json"],
+    );
+}
+
+/// Runs `pool set-attr`; its exit code and how long it took.
+fn set_attr(sys: &System, label: &str, name: &str, value: &str) -> (Option<i32>, f64) {
+    let t = Instant::now();
+    let out = sys.run(POOL_SVC, &["pool", "set-attr", "--label", label, name, value]);
+    (out.status.code(), t.elapsed().as_secs_f64())
+}
+
+/// No engine log says a raft core quit.
+fn no_core_quit(sys: &System) {
+    for rank in 1..=3 {
+        let log = std::fs::read_to_string(sys.rsvc.log(rank)).unwrap_or_default();
+        assert!(
+            !log.contains("quit RaftCore"),
+            "engine {rank}'s raft core quit: {}",
+            log.lines()
+                .find(|l| l.contains("quit RaftCore"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// Nearly full from outside (a ballast file), below the no-append threshold: ordinary writes
+/// are refused with NoSpace (exit 4) at once, a critical operation (destroying a pool)
+/// passes, and writes resume without a restart when the ballast goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_threshold_writes_get_nospace_at_once_and_critical_ops_pass() {
+    let fs = Tmpfs::mount(96);
+    let sys = system_on(&fs).await;
+    create(&sys, "tank");
+    create(&sys, "spare");
+    assert_eq!(set_attr(&sys, "tank", "before", "1").0, Some(0));
+
+    let ballast = fs.path().join("ballast");
+    let size = fs.free().saturating_sub(2800 << 10);
+    std::fs::write(&ballast, vec![0u8; size as usize]).unwrap();
+    eprintln!("free with the ballast: {} KiB", fs.free() >> 10);
+    // A write may still pass on a free-space reading taken before the ballast (readings are
+    // cached for 250 ms); after that, every one is refused with NoSpace, never a deadline.
+    let secs = sys.wait_for("a write refused with NoSpace", || {
+        match set_attr(&sys, "tank", "refused", "x") {
+            (Some(0), _) => None,
+            (Some(4), secs) => Some(secs),
+            (code, _) => panic!("exit {code:?}: neither acknowledged nor NoSpace"),
+        }
+    });
+    eprintln!("set-attr below the threshold: exit 4 after {secs:.3} s");
+    assert_eq!(set_attr(&sys, "tank", "refused", "x").0, Some(4));
+    sys.json(POOL_SVC, &["pool", "destroy", "--label", "spare", "--json"]);
+    no_core_quit(&sys);
+
+    std::fs::remove_file(&ballast).unwrap();
+    let t = Instant::now();
+    sys.wait_for("writes to resume", || {
+        (set_attr(&sys, "tank", "after", "2").0 == Some(0)).then_some(())
+    });
+    eprintln!(
+        "writes resumed {:.3} s after the ballast went",
+        t.elapsed().as_secs_f64()
+    );
+    let got = sys.json(
+        POOL_SVC,
+        &["pool", "get-attr", "--label", "tank", "before", "--json"],
+    );
+    assert!(got.to_string().contains('1'), "{got}");
+    drop(sys);
+}
+
+/// Filled by its own writes: the replicas refuse with NoSpace before the disk is full, so no
+/// snapshot or append meets ENOSPC and no raft core quits; every acknowledged write reads back,
+/// and once the filesystem grows, writes resume without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filled_by_writes_refuses_before_enospc_and_resumes_when_space_grows() {
+    let fs = Tmpfs::mount(96);
+    let sys = system_on(&fs).await;
+    create(&sys, "tank");
+    let value = "v".repeat(64 << 10);
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..2000 {
+        let name = format!("a{i:05}");
+        match set_attr(&sys, "tank", &name, &value) {
+            (Some(0), _) => acked.push(name),
+            (Some(4), secs) => {
+                refused = Some((i, secs));
+                break;
+            }
+            (code, _) => panic!("write {i}: exit {code:?}, neither acknowledged nor NoSpace"),
+        }
+    }
+    let (at, secs) = refused.expect("the disk never filled");
+    eprintln!(
+        "{} writes of 64 KiB acknowledged; write {at} refused with NoSpace after {secs:.3} s; {} KiB free",
+        acked.len(),
+        fs.free() >> 10
+    );
+    no_core_quit(&sys);
+    for name in acked.iter().step_by(17).chain(acked.last()) {
+        let out = sys.run(POOL_SVC, &["pool", "get-attr", "--label", "tank", name]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout.len(), value.len() + 1, "{name}");
+    }
+
+    fs.resize(256);
+    let t = Instant::now();
+    sys.wait_for("writes to resume", || {
+        (set_attr(&sys, "tank", "after", "x").0 == Some(0)).then_some(())
+    });
+    eprintln!(
+        "writes resumed {:.3} s after the filesystem grew",
+        t.elapsed().as_secs_f64()
+    );
+    no_core_quit(&sys);
+    drop(sys);
+}
