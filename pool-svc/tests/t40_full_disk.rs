@@ -77,6 +77,19 @@ fn set_attr(sys: &System, label: &str, name: &str, value: &str) -> (Option<i32>,
     (out.status.code(), t.elapsed().as_secs_f64())
 }
 
+/// Waits (with the harness's deadline) until a write to `tank` is acknowledged again, with no
+/// restart, and reports how long that took after `since_what`.
+fn writes_resume(sys: &System, since_what: &str) {
+    let t = Instant::now();
+    sys.wait_for("writes to resume", || {
+        (set_attr(sys, "tank", "resumed", "x").0 == Some(0)).then_some(())
+    });
+    eprintln!(
+        "writes resumed {:.3} s after {since_what}",
+        t.elapsed().as_secs_f64()
+    );
+}
+
 /// No engine log says a raft core quit.
 fn no_core_quit(sys: &System) {
     for rank in 1..=3 {
@@ -121,14 +134,7 @@ async fn below_the_threshold_writes_get_nospace_at_once_and_critical_ops_pass() 
     no_core_quit(&sys);
 
     std::fs::remove_file(&ballast).unwrap();
-    let t = Instant::now();
-    sys.wait_for("writes to resume", || {
-        (set_attr(&sys, "tank", "after", "2").0 == Some(0)).then_some(())
-    });
-    eprintln!(
-        "writes resumed {:.3} s after the ballast went",
-        t.elapsed().as_secs_f64()
-    );
+    writes_resume(&sys, "the ballast went");
     let got = sys.json(
         POOL_SVC,
         &["pool", "get-attr", "--label", "tank", "before", "--json"],
@@ -177,14 +183,7 @@ async fn filled_by_writes_refuses_before_enospc_and_resumes_when_space_grows() {
     }
 
     fs.resize(256);
-    let t = Instant::now();
-    sys.wait_for("writes to resume", || {
-        (set_attr(&sys, "tank", "after", "x").0 == Some(0)).then_some(())
-    });
-    eprintln!(
-        "writes resumed {:.3} s after the filesystem grew",
-        t.elapsed().as_secs_f64()
-    );
+    writes_resume(&sys, "the filesystem grew");
     no_core_quit(&sys);
     drop(sys);
 }

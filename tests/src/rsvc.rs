@@ -51,11 +51,15 @@ pub struct Timers {
 impl Timers {
     /// The engine's production defaults (what a config file without `[raft]` gets).
     pub fn defaults() -> Self {
-        let d = rdb::DbConfig::default();
+        Self::of(&rdb::DbConfig::default())
+    }
+
+    /// The timers of an rdb configuration.
+    pub fn of(c: &rdb::DbConfig) -> Self {
         Timers {
-            heartbeat_ms: d.heartbeat.as_millis() as u64,
-            election_min_ms: d.election_timeout.0.as_millis() as u64,
-            election_max_ms: d.election_timeout.1.as_millis() as u64,
+            heartbeat_ms: c.heartbeat.as_millis() as u64,
+            election_min_ms: c.election_timeout.0.as_millis() as u64,
+            election_max_ms: c.election_timeout.1.as_millis() as u64,
         }
     }
 
@@ -71,12 +75,7 @@ impl Timers {
 
     /// What `--fast-timers` gives an engine (rdb's `DbConfig::fast`), for tests.
     pub fn fast() -> Self {
-        let f = rdb::DbConfig::fast();
-        Timers {
-            heartbeat_ms: f.heartbeat.as_millis() as u64,
-            election_min_ms: f.election_timeout.0.as_millis() as u64,
-            election_max_ms: f.election_timeout.1.as_millis() as u64,
-        }
+        Self::of(&rdb::DbConfig::fast())
     }
 }
 

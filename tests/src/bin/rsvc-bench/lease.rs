@@ -53,7 +53,9 @@ pub async fn campaign(a: CampaignArgs) -> Result<(), String> {
     let (mut keeper, mut acks) = client.lease_keep_alive(lease).await.map_err(e)?;
     let every = Duration::from_millis((a.ttl as u64 * 1000 / 3).max(100));
     tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
         loop {
+            tick.tick().await;
             let alive = match keeper.keep_alive().await {
                 Ok(()) => matches!(acks.message().await, Ok(Some(r)) if r.ttl() > 0),
                 Err(_) => false,
@@ -63,7 +65,6 @@ pub async fn campaign(a: CampaignArgs) -> Result<(), String> {
                 eprintln!("campaign: lease {lease:x} lost; exiting");
                 std::process::exit(3);
             }
-            tokio::time::sleep(every).await;
         }
     });
     let listener = TcpListener::bind("127.0.0.1:0")
