@@ -7,8 +7,8 @@ use std::time::Duration;
 pub struct DbConfig {
     /// Heartbeat period of a leader.
     pub heartbeat: Duration,
-    /// Election timeout range. openraft 0.9 waits for each log fsync inside its core loop, so
-    /// keep the minimum well above ten fsync latencies.
+    /// Election timeout range. No fsync runs on openraft's core loop (see `storage::log`), so
+    /// the minimum only has to cover a few heartbeats and network round trips.
     pub election_timeout: (Duration, Duration),
     /// Deadline for one append/vote RPC.
     pub rpc_timeout: Duration,
@@ -127,6 +127,9 @@ impl DbConfig {
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.keep_log_behind_snapshot,
             max_payload_entries: self.max_append_entries,
+            // A replica that cannot win asks first, so it never inflates the term and deposes a
+            // healthy leader when it comes back (see `network::PeerConn::pre_vote`).
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
     }

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{ChangeMembers, CommittedLeaderId, EntryPayload, Membership, ServerState};
+use openraft::{ChangeMembers, EntryPayload, Membership, ReadPolicy, ServerState};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -18,9 +19,11 @@ use crate::config::DbConfig;
 use crate::error::{Error, Result};
 use crate::kv::Op;
 use crate::leadership::{leader_term, Alternator, LeaderEvent};
-use crate::network::{NetFactory, RaftRpc, Refusal, RpcHandler, RpcKind, Transport};
+use crate::network::{NetFactory, RaftRpc, Refusal, Reply, RpcHandler, RpcKind, SnapshotChunk, Transport};
 use crate::storage::{self, DiskFaults, Identity};
-use crate::types::{Command, DbId, Entry, LogId, Member, NodeId, Raft, ReplicaId, TxRecord, Vote};
+use crate::types::{
+    Command, DbId, Entry, LogId, Member, NodeId, Raft, ReplicaId, TxRecord, TypeConfig, Vote,
+};
 
 /// How often `stop` checks whether openraft released the files.
 const STOP_POLL: Duration = Duration::from_millis(5);
@@ -136,14 +139,29 @@ pub(crate) struct Inner {
     /// Until when the watcher must not step up (set by `resign`).
     resign_until: Arc<Mutex<Option<Instant>>>,
     commits: AtomicU64,
-    /// For messages rdb sends outside openraft (leadership transfer).
-    transport: Arc<dyn Transport>,
     /// The read lease: (term, valid until). Set by the watcher after each quorum proof.
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
-    /// When this replica last stepped up, and in which term (for transfer; see there).
-    up_since: Arc<Mutex<Option<(u64, Instant)>>>,
+    /// The snapshot being received from the leader, if any.
+    incoming: tokio::sync::Mutex<Option<Incoming>>,
     /// When this replica started; it grants no vote for `election_timeout_max` after.
     started: Instant,
+}
+
+/// A snapshot transfer in progress: chunks are written to `path` in order.
+struct Incoming {
+    transfer: u64,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    offset: u64,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // An abandoned or failed transfer leaves no file behind; a finished one was renamed.
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// One replica of a replicated database. Cheap to clone.
@@ -200,6 +218,8 @@ impl Db {
             transport: opts.transport.clone(),
             db: ident.db,
             me: ident.replica,
+            chunk_bytes: usize::try_from(opts.config.snapshot_chunk_bytes).unwrap_or(usize::MAX),
+            chunk_timeout: opts.config.snapshot_chunk_timeout,
         };
         let sm = files.sm.clone();
         let weak_files = vec![files.log.weak(), files.sm.weak()];
@@ -219,7 +239,6 @@ impl Db {
         let (shutdown, _) = watch::channel(false);
         let resign_until = Arc::new(Mutex::new(None));
         let lease = Arc::new(Mutex::new(None));
-        let up_since = Arc::new(Mutex::new(None));
         let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
         let inner = Arc::new(Inner {
             ident,
@@ -237,9 +256,8 @@ impl Db {
             tasks: Mutex::new(Vec::new()),
             resign_until: resign_until.clone(),
             commits: AtomicU64::new(0),
-            transport: opts.transport.clone(),
             lease: lease.clone(),
-            up_since: up_since.clone(),
+            incoming: tokio::sync::Mutex::new(None),
             started: Instant::now(),
         });
         let watcher = tokio::spawn(watch_leadership(Watch {
@@ -251,7 +269,6 @@ impl Db {
             resign_until,
             me: ident.replica,
             lease,
-            up_since,
         }));
         let batcher = tokio::spawn(run_batcher(
             raft,
@@ -341,7 +358,7 @@ impl Db {
     pub fn up_term(&self) -> Option<u64> {
         // A replica that openraft stopped (a storage error) serves nothing, even before the
         // watcher has reported its step-down.
-        if self.inner.raft.metrics().borrow().running_state.is_err() {
+        if self.inner.raft.metrics().borrow_watched().running_state.is_err() {
             return None;
         }
         *self.inner.up.borrow()
@@ -368,14 +385,14 @@ impl Db {
     /// The best hint about who leads: `(leader, term)`.
     pub fn hint(&self) -> (Option<ReplicaId>, u64) {
         let m = self.inner.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         (m.current_leader.map(ReplicaId::from_node_id), m.current_term)
     }
 
     /// The members (voters and learners) of the effective membership, with their addresses.
     pub fn members(&self) -> Vec<Member> {
         let m = self.inner.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         m.membership_config
             .membership()
             .nodes()
@@ -390,7 +407,7 @@ impl Db {
 
     /// A snapshot of this replica's state.
     pub fn status(&self) -> Status {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.inner.raft.metrics().borrow_watched().clone();
         let role = match m.state {
             ServerState::Leader => Role::Leader,
             ServerState::Candidate => Role::Candidate,
@@ -457,7 +474,7 @@ impl Db {
         }
         let res = tokio::time::timeout(
             self.inner.config.quorum_timeout,
-            self.inner.raft.ensure_linearizable(),
+            self.inner.raft.ensure_linearizable(ReadPolicy::ReadIndex),
         )
         .await;
         match res {
@@ -515,7 +532,7 @@ impl Db {
             return false;
         }
         let raft = &self.inner.raft;
-        let before = raft.metrics().borrow().snapshot;
+        let before = raft.metrics().borrow_watched().snapshot;
         if raft.trigger().snapshot().await.is_err() {
             return false;
         }
@@ -562,7 +579,7 @@ impl Db {
         let id = member.replica.node_id();
         let (is_voter, is_learner) = {
             let m = self.inner.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             let ms = m.membership_config.membership();
             let voter = ms.voter_ids().any(|v| v == id);
             (voter, !voter && ms.learner_ids().any(|l| l == id))
@@ -588,7 +605,13 @@ impl Db {
     /// Removes a replica (voter or learner) from the group.
     pub async fn remove_replica(&self, replica: ReplicaId) -> Result<()> {
         let id = replica.node_id();
-        let m = self.inner.raft.metrics().borrow().membership_config.clone();
+        let m = self
+            .inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         let change = if m.membership().voter_ids().any(|v| v == id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else if m.membership().learner_ids().any(|v| v == id) {
@@ -604,13 +627,16 @@ impl Db {
         Ok(())
     }
 
-    fn map_write_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, Member>>) -> Error {
+    fn map_write_err(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+            RaftError::APIError(
+                ClientWriteError::ForwardToLeader(_) | ClientWriteError::LogEntryDiscarded(_),
+            ) => self.not_leader(),
             RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
                 openraft::error::ChangeMembershipError::InProgress(p) => Error::Busy(p.to_string()),
                 other => Error::Invalid(other.to_string()),
             },
+            RaftError::APIError(other) => Error::Raft(other.to_string()),
             RaftError::Fatal(f) => fatal(f),
         }
     }
@@ -635,21 +661,17 @@ impl Db {
             .map_err(|_| Error::Timeout("resign: still serving as leader".into()))
     }
 
-    /// Hands leadership to `to`, a voter, without waiting for an election timeout where the
-    /// group allows it.
+    /// Hands leadership to `to`, a voter, without waiting for an election timeout.
     ///
-    /// openraft 0.9 has no transfer, so rdb builds one from Raft's TimeoutNow idea. This
-    /// replica stops serving and sending heartbeats, waits until `to` has every entry, then tells
-    /// it to campaign at once. A follower refuses votes for `election_timeout_max` after it last
-    /// heard from the leader, but a leader that has led that long has no such lease on itself,
-    /// so it grants the vote. In a 3-replica group that is a majority: the handover takes one
-    /// round trip. A leader elected less than `election_timeout_max` ago keeps serving until
-    /// it is that old, then hands over. In larger groups the other voters grant once their
-    /// leases run out. That is still sooner than an election timeout after a crash.
+    /// This replica stops serving at once (no transaction starts while leadership moves), waits
+    /// until `to` holds every entry, then uses openraft's leadership transfer: every voter is
+    /// told to drop its lease on this leader, and `to` campaigns as soon as it has flushed the
+    /// leader's last entry. Done when another replica leads; on failure this replica takes its
+    /// leadership up again.
     pub async fn transfer_leadership(&self, to: ReplicaId, timeout: Duration) -> Result<()> {
-        let Some(target) = self.members().into_iter().find(|m| m.replica == to) else {
+        if !self.members().iter().any(|m| m.replica == to) {
             return Err(Error::NotFound(format!("replica {to} is not a member")));
-        };
+        }
         if to == self.inner.ident.replica {
             return Err(Error::Invalid("cannot transfer leadership to oneself".into()));
         }
@@ -657,29 +679,12 @@ impl Db {
             return Err(self.not_leader());
         }
         let deadline = Instant::now() + timeout;
-        // NB: openraft 0.9 refuses votes on a leader for election_timeout_max after it took
-        // office. Transferring sooner makes the target campaign in vain until that lease runs
-        // out, term after term. A young leader therefore keeps serving until it is old enough,
-        // and hands over then: clients see no gap at all while it waits, and one round trip
-        // after. (In a 3-replica group that is enough; in larger ones the other followers'
-        // leases still count, see above.)
-        let since = *self.inner.up_since.lock().expect("lock");
-        if let Some((term, since)) = since.filter(|(t, _)| Some(*t) == self.up_term()) {
-            let old_enough = since + self.inner.config.election_timeout.1;
-            if old_enough > Instant::now() {
-                tracing::debug!(
-                    term,
-                    "transfer waits until the leader outlives its own vote lease"
-                );
-                tokio::time::sleep_until(old_enough.min(deadline).into()).await;
-            }
-            if self.up_term() != Some(term) {
-                return Err(self.not_leader());
-            }
-        }
         *self.inner.resign_until.lock().expect("lock") = Some(deadline);
+        let give_back = |e: Error| {
+            *self.inner.resign_until.lock().expect("lock") = None;
+            Err(e)
+        };
         let mut m = self.inner.raft.metrics();
-        // Wait for the target to hold every entry.
         // A target that is down or far behind is not worth waiting for long.
         let catch_up = timeout.min(self.inner.config.election_timeout.1 * 2);
         let caught_up = tokio::time::timeout(catch_up, async {
@@ -704,30 +709,11 @@ impl Db {
         .await
         .unwrap_or(false);
         if !caught_up {
-            *self.inner.resign_until.lock().expect("lock") = None;
-            return Err(Error::Timeout(format!("replica {to} did not catch up")));
+            return give_back(Error::Timeout(format!("replica {to} did not catch up")));
         }
-        let rpc = RaftRpc {
-            db: self.inner.ident.db,
-            from: self.inner.ident.replica,
-            to,
-            to_storage_id: target.storage_id,
-            kind: RpcKind::TimeoutNow,
-            payload: Vec::new(),
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if let Err(e) = self
-            .inner
-            .transport
-            .call(&target.addr, rpc, remaining.min(self.inner.config.rpc_timeout))
-            .await
-        {
-            *self.inner.resign_until.lock().expect("lock") = None;
-            return Err(Error::Timeout(format!(
-                "transfer: replica {to} could not be told to campaign: {e}"
-            )));
+        if let Err(e) = self.inner.raft.trigger().transfer_leader(to.node_id()).await {
+            return give_back(fatal(e));
         }
-        // Done when someone else leads.
         let me = self.inner.ident.replica.node_id();
         let moved = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), async {
             loop {
@@ -745,7 +731,7 @@ impl Db {
             tracing::info!(from = %self.inner.ident.replica, to = %to, "leadership transferred");
             Ok(())
         } else {
-            Err(Error::Timeout("leadership did not move".into()))
+            give_back(Error::Timeout("leadership did not move".into()))
         }
     }
 
@@ -753,7 +739,7 @@ impl Db {
     /// this replica does not lead or is the only voter.
     pub fn transfer_target(&self) -> Option<ReplicaId> {
         let m = self.inner.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let me = self.inner.ident.replica.node_id();
         let voters: Vec<u64> = m
             .membership_config
@@ -771,7 +757,7 @@ impl Db {
     /// Starts an election now.
     pub async fn campaign(&self) -> Result<()> {
         *self.inner.resign_until.lock().expect("lock") = None;
-        self.inner.raft.trigger().elect().await.map_err(fatal)
+        self.inner.raft.trigger().elect(false).await.map_err(fatal)
     }
 
     /// Stops the replica: leadership is given up (StepDown is delivered), raft stops, and the
@@ -825,17 +811,21 @@ impl Db {
             .last_log_id_offline()
             .map_err(|e| Error::Storage(e.to_string()))?;
         let term = vote
-            .map_or(0, |v| v.leader_id().get_term())
-            .max(last.map_or(0, |l| l.leader_id.get_term()))
+            .map_or(0, |v| v.leader_id.term)
+            .max(last.map_or(0, |l| l.leader_id.term))
             + 1;
         let member = Member {
             replica: files.ident.replica,
             addr: own_addr(&files, me)?,
             storage_id: files.ident.storage_id,
         };
-        let membership = Membership::new(vec![BTreeSet::from([me])], BTreeMap::from([(me, member)]));
+        let membership = Membership::new(vec![BTreeSet::from([me])], BTreeMap::from([(me, member)]))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         let entry = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(term, me), last.map_or(0, |l| l.index + 1)),
+            log_id: LogId::new(
+                openraft::impls::leader_id_adv::LeaderId { term, node_id: me },
+                last.map_or(0, |l| l.index + 1),
+            ),
             payload: EntryPayload::Membership(membership),
         };
         files.log.append_offline(vec![entry])?;
@@ -866,32 +856,116 @@ impl Db {
             return Err(Refusal::Stopped);
         }
         // NB: a replica that just started does not remember which leader it promised, by
-        // following it, not to replace: it grants no vote for a maximum election timeout. That
-        // keeps the old leader's read lease (half a minimum election timeout) safe across a
-        // follower restart.
-        if rpc.kind == RpcKind::Vote && self.inner.started.elapsed() < self.inner.config.election_timeout.1 {
+        // following it, not to replace: it grants no vote (nor pre-vote) for a maximum election
+        // timeout. That keeps the old leader's read lease safe across a follower restart.
+        if matches!(rpc.kind, RpcKind::Vote | RpcKind::PreVote)
+            && self.inner.started.elapsed() < self.inner.config.election_timeout.1
+        {
             return Err(Refusal::Starting);
         }
         let raft = &self.inner.raft;
         let bad = |e: codec::CodecError| Refusal::Malformed(e.to_string());
-        let reply = match rpc.kind {
-            RpcKind::Append => codec::encode(
-                &raft
-                    .append_entries(codec::decode(&rpc.payload).map_err(bad)?)
+        fn reply<T: serde::Serialize, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Reply<T> {
+            r.map_err(|e| e.to_string())
+        }
+        let encoded = match rpc.kind {
+            RpcKind::Append => codec::encode(&reply(
+                raft.append_entries(codec::decode(&rpc.payload).map_err(bad)?)
                     .await,
-            ),
-            RpcKind::Vote => codec::encode(&raft.vote(codec::decode(&rpc.payload).map_err(bad)?).await),
-            RpcKind::Snapshot => {
-                let chunk: crate::network::SnapshotChunk = codec::decode(&rpc.payload).map_err(bad)?;
-                codec::encode(&raft.install_snapshot(chunk.into()).await)
+            )),
+            RpcKind::Vote => {
+                codec::encode(&reply(raft.vote(codec::decode(&rpc.payload).map_err(bad)?).await))
             }
-            RpcKind::TimeoutNow => {
-                tracing::info!(replica = %me.replica, from = %rpc.from, "asked to take over leadership");
+            RpcKind::PreVote => codec::encode(&reply(
+                raft.pre_vote(codec::decode(&rpc.payload).map_err(bad)?).await,
+            )),
+            RpcKind::TransferLeader => {
+                tracing::info!(replica = %me.replica, from = %rpc.from, "leadership transfer");
                 *self.inner.resign_until.lock().expect("lock") = None;
-                codec::encode(&raft.trigger().elect().await.map_err(|e| e.to_string()))
+                let req = codec::decode(&rpc.payload).map_err(bad)?;
+                codec::encode(&reply(raft.handle_transfer_leader(req).await))
+            }
+            RpcKind::Snapshot => {
+                let chunk: SnapshotChunk = codec::decode(&rpc.payload).map_err(bad)?;
+                codec::encode(&self.receive_snapshot(chunk).await)
             }
         };
-        reply.map_err(|e| Refusal::Malformed(e.to_string()))
+        encoded.map_err(|e| Refusal::Malformed(e.to_string()))
+    }
+
+    /// Takes one chunk of a snapshot transfer; installs the snapshot after the last one.
+    async fn receive_snapshot(
+        &self,
+        chunk: SnapshotChunk,
+    ) -> Reply<Option<openraft::raft::SnapshotResponse<TypeConfig>>> {
+        let mut slot = self.inner.incoming.lock().await;
+        if chunk.offset == 0 {
+            let path = {
+                let sm = self.inner.sm.lock().expect("lock");
+                sm.as_ref().ok_or("replica stopped")?.incoming_path()
+            };
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| format!("cannot receive a snapshot: {e}"))?;
+            // Replacing an older transfer removes its file (see `Incoming`).
+            *slot = Some(Incoming {
+                transfer: chunk.transfer,
+                path,
+                file: Some(file),
+                offset: 0,
+            });
+        }
+        let Some(inc) = slot.as_mut().filter(|i| i.transfer == chunk.transfer) else {
+            return Err("no such snapshot transfer here; start again from offset 0".into());
+        };
+        if inc.offset != chunk.offset {
+            return Err(format!(
+                "snapshot chunk at {} but {} expected",
+                chunk.offset, inc.offset
+            ));
+        }
+        let mut file = inc.file.take().ok_or("snapshot transfer failed earlier")?;
+        let data = chunk.data;
+        let n = data.len() as u64;
+        let done = chunk.done;
+        let res = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            file.write_all(&data)?;
+            if done {
+                file.sync_all()?;
+            }
+            Ok::<_, std::io::Error>(file)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let file = match res {
+            Ok(f) => f,
+            Err(e) => {
+                let path = inc.path.clone();
+                *slot = None;
+                let _ = std::fs::remove_file(path);
+                return Err(format!("cannot write the snapshot: {e}"));
+            }
+        };
+        inc.offset += n;
+        if !done {
+            inc.file = Some(file);
+            return Ok(None);
+        }
+        let inc = slot.take().expect("checked above");
+        drop(file);
+        let snapshot = crate::storage::sm::SnapshotFile::open(inc.path.clone())
+            .map_err(|e| format!("cannot reopen the snapshot: {e}"))?;
+        let snapshot = crate::storage::sm::Snapshot {
+            meta: chunk.meta,
+            snapshot,
+        };
+        let res = self.inner.raft.install_full_snapshot(chunk.vote, snapshot).await;
+        // Installed snapshots were renamed into place; anything else goes.
+        let _ = std::fs::remove_file(&inc.path);
+        res.map(Some).map_err(|e| e.to_string())
     }
 }
 
@@ -945,7 +1019,7 @@ async fn run_compactor(inner: Weak<Inner>, every: u64, mut shutdown: watch::Rece
         let db = Db { inner };
         let due = {
             let m = db.inner.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             let applied = m.last_applied.map_or(0, |l| l.index);
             let snap = m.snapshot.map_or(0, |l| l.index);
             applied.saturating_sub(snap) >= every
@@ -992,7 +1066,7 @@ async fn run_batcher(
             drop(permit);
             match res {
                 Ok(resp) => {
-                    let term = resp.log_id.leader_id.get_term();
+                    let term = resp.log_id.leader_id.term;
                     let index = resp.log_id.index;
                     for (reply, r) in replies.into_iter().zip(resp.data.results) {
                         let _ = reply.send(r.map(|()| Committed { term, index }).map_err(Error::Apply));
@@ -1000,7 +1074,11 @@ async fn run_batcher(
                 }
                 Err(e) => {
                     let err = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => Error::NotLeader {
+                        // NB: a discarded entry was replaced in the log by another leader's, so it
+                        // cannot commit; like a refusal, it is a NotLeader.
+                        RaftError::APIError(
+                            ClientWriteError::ForwardToLeader(_) | ClientWriteError::LogEntryDiscarded(_),
+                        ) => Error::NotLeader {
                             leader: None,
                             term: 0,
                         },
@@ -1027,7 +1105,6 @@ struct Watch {
     resign_until: Arc<Mutex<Option<Instant>>>,
     me: ReplicaId,
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
-    up_since: Arc<Mutex<Option<(u64, Instant)>>>,
 }
 
 /// Turns openraft's metrics into [`LeaderEvent`]s; see `leadership.rs`.
@@ -1041,7 +1118,6 @@ async fn watch_leadership(w: Watch) {
         resign_until,
         me,
         lease,
-        up_since,
     } = w;
     let mut metrics = raft.metrics();
     let mut alt = Alternator::default();
@@ -1060,10 +1136,7 @@ async fn watch_leadership(w: Watch) {
         }
         for ev in alt.transition(want) {
             match ev {
-                LeaderEvent::StepUp { term } => {
-                    *up_since.lock().expect("lock") = Some((term, Instant::now()));
-                    tracing::info!(replica = %me, term, "step up")
-                }
+                LeaderEvent::StepUp { term } => tracing::info!(replica = %me, term, "step up"),
                 LeaderEvent::StepDown { term } => tracing::info!(replica = %me, term, "step down"),
             }
             let _ = events.send(ev);
@@ -1126,7 +1199,11 @@ async fn watch_leadership(w: Watch) {
             let issued = Instant::now();
             last_probe = Some(issued);
             let mut ok = matches!(
-                tokio::time::timeout(cfg.quorum_timeout, raft.ensure_linearizable()).await,
+                tokio::time::timeout(
+                    cfg.quorum_timeout,
+                    raft.ensure_linearizable(ReadPolicy::ReadIndex)
+                )
+                .await,
                 Ok(Ok(_))
             );
             if ok && alt.up().is_none() {
@@ -1135,14 +1212,14 @@ async fn watch_leadership(w: Watch) {
                 // serving, everything in our log when we took office must be applied: that is
                 // the new term's first entry for a fresh leader (DAOS's debut entry), and every
                 // entry written before the crash for a restarted one.
-                let target = raft.metrics().borrow().last_log_index;
+                let target = raft.metrics().borrow_watched().last_log_index;
                 let wait = raft.wait(Some(cfg.election_timeout.1));
                 ok = wait
                     .applied_index_at_least(target, "leader applies its whole log")
                     .await
                     .is_ok();
             }
-            if ok && leader_term(&raft.metrics().borrow()) == Some(t) {
+            if ok && leader_term(&raft.metrics().borrow_watched()) == Some(t) {
                 confirmed_at = issued;
                 emit(&mut alt, Some(t));
                 if cfg.lease_reads {

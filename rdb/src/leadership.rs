@@ -23,7 +23,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Member, NodeId};
+use crate::types::TypeConfig;
 
 /// A change of this replica's leadership, delivered in order, one at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,13 +37,13 @@ pub enum LeaderEvent {
 /// The term this node leads according to one metrics sample, if any.
 ///
 /// Leading means: openraft's state is Leader and the vote is committed and names this node.
-pub(crate) fn leader_term(m: &openraft::RaftMetrics<NodeId, Member>) -> Option<u64> {
+pub(crate) fn leader_term(m: &openraft::RaftMetrics<TypeConfig>) -> Option<u64> {
     let vote = &m.vote;
     let leads = m.state == openraft::ServerState::Leader
         && m.running_state.is_ok()
-        && vote.is_committed()
-        && vote.leader_id().voted_for() == Some(m.id);
-    leads.then_some(vote.leader_id().get_term())
+        && vote.committed
+        && vote.leader_id.node_id == m.id;
+    leads.then_some(vote.leader_id.term)
 }
 
 /// Enforces the alternation invariants; see the module docs.

@@ -1,7 +1,7 @@
 //! # rdb: a replicated, hierarchical, transactional key-value store
 //!
 //! rdb is the storage layer of rsvc, modelled on DAOS's rdb. One rdb database is one raft
-//! group (openraft 0.9); each replica keeps its log and its state machine in two redb files.
+//! group (openraft 0.10, pinned to 0.10.0-alpha.37); each replica keeps its log and its state machine in two redb files.
 //! Services above (rsvc-server) see transactions and leadership events, never openraft.
 //!
 //! ## DATA MODEL
@@ -24,11 +24,12 @@
 //!
 //! ## GROUP COMMIT
 //!
-//! openraft 0.9 appends one entry per `client_write` and waits for its fsync inside the core
-//! loop. rdb therefore batches at its own level: while `max_inflight_batches` entries are in
-//! flight, committing transactions queue and leave together as the next entry. One fsync on
-//! the leader and one per follower then carry many transactions, so throughput grows with
-//! concurrency instead of being capped at one commit per fsync.
+//! Two levels. rdb packs the transactions that wait while `max_inflight_batches` entries are
+//! in flight into the next entry. Below it, the log store never fsyncs on openraft's core
+//! loop: `append` makes entries readable in memory at once, openraft replicates them while the
+//! log's writer thread makes them durable, and one durable redb commit covers every append,
+//! vote, truncation and purge queued behind the previous one (see `storage::log`). The leader's
+//! fsync thus overlaps its followers', and one fsync per replica carries many transactions.
 //!
 //! ## READS AND LEADERSHIP
 //!
@@ -52,7 +53,8 @@
 //!
 //! ## DURABILITY
 //!
-//! Log appends and votes are fsynced before openraft hears they are done. The state machine is
+//! Log appends and votes are fsynced before openraft hears they are durable (an append's flush
+//! callback, a vote's return). The state machine is
 //! written without fsync and re-applied from the log after a crash; building a snapshot first
 //! makes it durable, and the log is only purged behind snapshots. Snapshots are files streamed
 //! in bounded chunks.

@@ -11,17 +11,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
-use crate::types::{DbId, Member, NodeId, ReplicaId, TypeConfig};
+use crate::storage::sm::{Snapshot, SnapshotFile};
+use crate::types::{DbId, Member, NodeId, ReplicaId, SnapshotMeta, TypeConfig, Vote};
 
 /// Which raft RPC a [`RaftRpc`] carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -30,10 +31,12 @@ pub enum RpcKind {
     Append,
     /// RequestVote.
     Vote,
-    /// One chunk of a snapshot.
+    /// One chunk of a snapshot transfer.
     Snapshot,
-    /// Leadership transfer: the leader asks a caught-up follower to campaign now.
-    TimeoutNow,
+    /// Leadership transfer: the leader tells every voter to let the named one take over now.
+    TransferLeader,
+    /// Pre-Vote: would the addressee grant a vote in the next term? Changes nothing there.
+    PreVote,
 }
 
 /// A raft message from one replica to another of the same database.
@@ -111,6 +114,9 @@ pub(crate) struct NetFactory {
     pub transport: Arc<dyn Transport>,
     pub db: DbId,
     pub me: ReplicaId,
+    /// Bytes per snapshot chunk, and the deadline for each.
+    pub chunk_bytes: usize,
+    pub chunk_timeout: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetFactory {
@@ -123,6 +129,8 @@ impl RaftNetworkFactory<TypeConfig> for NetFactory {
             me: self.me,
             target,
             member: node.clone(),
+            chunk_bytes: self.chunk_bytes,
+            chunk_timeout: self.chunk_timeout,
         }
     }
 }
@@ -133,18 +141,21 @@ pub(crate) struct PeerConn {
     me: ReplicaId,
     target: NodeId,
     member: Member,
+    chunk_bytes: usize,
+    chunk_timeout: Duration,
 }
 
-type RpcResult<T, E = openraft::error::Infallible> =
-    Result<T, RPCError<NodeId, Member, RaftError<NodeId, E>>>;
+/// What the receiving replica answers: openraft's reply, or why its raft could not produce one
+/// (it stopped). A remote failure is reported to openraft as the peer being unreachable.
+pub(crate) type Reply<T> = Result<T, String>;
 
 impl PeerConn {
-    async fn send<Req: Serialize, Resp: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         kind: RpcKind,
         req: &Req,
-        option: &RPCOption,
-    ) -> RpcResult<Resp, E> {
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
         let payload = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let rpc = RaftRpc {
             db: self.db,
@@ -156,79 +167,137 @@ impl PeerConn {
         };
         let reply = self
             .transport
-            .call(&self.member.addr, rpc, option.hard_ttl())
+            .call(&self.member.addr, rpc, timeout)
             .await
-            .map_err(|e| match e {
-                TransportError::Timeout => RPCError::Unreachable(Unreachable::new(&std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "rpc timed out",
-                ))),
-                other => RPCError::Unreachable(Unreachable::new(&other)),
-            })?;
-        let res: Result<Resp, RaftError<NodeId, E>> =
-            codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let res: Reply<Resp> = codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| {
-            RPCError::RemoteError(RemoteError::new_with_node(self.target, self.member.clone(), e))
+            RPCError::Unreachable(Unreachable::from_string(format!("{}: {e}", self.member.replica)))
         })
     }
 }
 
-/// [`InstallSnapshotRequest`] on the wire: the chunk as a byte string, so that postcard copies
-/// it in one piece instead of visiting a megabyte one element at a time.
+/// One chunk of a snapshot transfer on the wire. The data is a byte string, so that postcard
+/// copies it in one piece instead of visiting a megabyte one element at a time.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SnapshotChunk {
-    vote: openraft::Vote<NodeId>,
-    meta: openraft::SnapshotMeta<NodeId, Member>,
-    offset: u64,
+    /// Random per transfer: a chunk of another transfer never continues this one.
+    pub transfer: u64,
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub offset: u64,
     #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-    done: bool,
+    pub data: Vec<u8>,
+    /// The last chunk: the receiver installs the snapshot and answers with its vote.
+    pub done: bool,
 }
 
-impl From<InstallSnapshotRequest<TypeConfig>> for SnapshotChunk {
-    fn from(r: InstallSnapshotRequest<TypeConfig>) -> Self {
-        SnapshotChunk {
-            vote: r.vote,
-            meta: r.meta,
-            offset: r.offset,
-            data: r.data,
-            done: r.done,
+/// Reads up to `n` bytes at `offset` of a snapshot file, off the async workers.
+async fn read_chunk(file: Arc<std::fs::File>, offset: u64, n: usize) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; n];
+        let mut got = 0;
+        while got < n {
+            let k = file.read_at(&mut buf[got..], offset + got as u64)?;
+            if k == 0 {
+                break;
+            }
+            got += k;
         }
-    }
+        buf.truncate(got);
+        Ok(buf)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
-impl From<SnapshotChunk> for InstallSnapshotRequest<TypeConfig> {
-    fn from(c: SnapshotChunk) -> Self {
-        InstallSnapshotRequest {
-            vote: c.vote,
-            meta: c.meta,
-            offset: c.offset,
-            data: c.data,
-            done: c.done,
-        }
-    }
-}
+impl RaftNetworkV2<TypeConfig> for PeerConn {
+    type SnapshotData = SnapshotFile;
 
-impl RaftNetwork<TypeConfig> for PeerConn {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.send(RpcKind::Append, &rpc, &option).await
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RpcKind::Append, &rpc, option.soft_ttl()).await
     }
 
-    async fn install_snapshot(
+    async fn vote(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.send(RpcKind::Snapshot, &SnapshotChunk::from(rpc), &option)
-            .await
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RpcKind::Vote, &rpc, option.soft_ttl()).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
-        self.send(RpcKind::Vote, &rpc, &option).await
+    // NB: openraft's default answer grants, which would let a replica that lost touch inflate
+    // its term after all. rdb asks the peer.
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RpcKind::PreVote, &rpc, option.soft_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RpcKind::TransferLeader, &req, option.soft_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let transfer = rand::random::<u64>();
+        let file = Arc::new(snapshot.snapshot.file);
+        let len = file
+            .metadata()
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
+            .len();
+        let meta = snapshot.meta;
+        let send_all = async {
+            let mut offset = 0u64;
+            loop {
+                let data = read_chunk(file.clone(), offset, self.chunk_bytes)
+                    .await
+                    .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                let n = data.len() as u64;
+                let done = offset + n >= len;
+                let chunk = SnapshotChunk {
+                    transfer,
+                    vote,
+                    meta: meta.clone(),
+                    offset,
+                    data,
+                    done,
+                };
+                let reply: Option<SnapshotResponse<TypeConfig>> = self
+                    .call(RpcKind::Snapshot, &chunk, self.chunk_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                        other => StreamingError::Network(NetworkError::new(&other)),
+                    })?;
+                offset += n;
+                if done {
+                    return reply.ok_or_else(|| {
+                        StreamingError::Network(NetworkError::from_string("the last chunk got no answer"))
+                    });
+                }
+            }
+        };
+        tokio::select! {
+            r = send_all => r,
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
     }
 }
 

@@ -88,13 +88,19 @@ pub struct Member {
 ///
 /// NB: DAOS writes one transaction per log entry. rdb keeps each transaction inside exactly
 /// one entry, applied atomically, but lets the leader pack every transaction that is waiting
-/// while the previous entry is in flight into one entry. openraft 0.9 appends one entry per
-/// `client_write` and waits for its fsync in the core loop, so this is where batching has to
-/// happen to get more than one commit per fsync.
+/// while the previous entry is in flight into one entry: fewer, larger entries cost less to
+/// encode, replicate and apply than one per transaction. (The log store's group flush is what
+/// bounds fsyncs; see `storage::log`.)
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Command {
     /// Transactions, applied in order, each atomically.
     pub txs: Vec<TxRecord>,
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} transaction(s)", self.txs.len())
+    }
 }
 
 /// One transaction in a [`Command`].
@@ -115,25 +121,22 @@ pub struct CommandResult {
 }
 
 openraft::declare_raft_types!(
-    /// rdb's openraft configuration. Snapshots are files, so they stream from disk in chunks.
+    /// rdb's openraft configuration: standard `u64` terms and openraft's default leader ids.
     pub TypeConfig:
         D = Command,
         R = CommandResult,
         NodeId = u64,
         Node = Member,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
 pub(crate) type NodeId = u64;
-pub(crate) type LogId = openraft::LogId<NodeId>;
-pub(crate) type Vote = openraft::Vote<NodeId>;
-pub(crate) type Entry = openraft::Entry<TypeConfig>;
-pub(crate) type StoredMembership = openraft::StoredMembership<NodeId, Member>;
-pub(crate) type SnapshotMeta = openraft::SnapshotMeta<NodeId, Member>;
-pub(crate) type StorageError = openraft::StorageError<NodeId>;
-pub(crate) type Raft = openraft::Raft<TypeConfig>;
+pub(crate) type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub(crate) type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub(crate) type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub(crate) type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub(crate) type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub(crate) type Raft = openraft::Raft<TypeConfig, crate::storage::sm::SmStore>;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! Disk fault injection for tests: a redb storage backend that fails writes with ENOSPC on
-//! demand, exactly as a full filesystem would.
+//! demand, exactly as a full filesystem would, and that can make every fsync stall.
 
 use std::fs::File;
 use std::ops::Bound;
@@ -16,6 +16,7 @@ use redb::{BackendError, StorageBackend};
 pub struct DiskFaults {
     full: Arc<AtomicBool>,
     failed_writes: Arc<AtomicU64>,
+    sync_delay_us: Arc<AtomicU64>,
 }
 
 impl DiskFaults {
@@ -27,6 +28,12 @@ impl DiskFaults {
     /// Turns the simulated full disk on or off.
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
+    }
+
+    /// Makes every fsync take `delay` longer (zero: no delay), as a slow or busy disk does.
+    pub fn set_sync_delay(&self, delay: std::time::Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.sync_delay_us.store(us, Ordering::SeqCst);
     }
 
     /// How many writes failed because of the switch.
@@ -74,6 +81,10 @@ impl StorageBackend for FaultyBackend {
     }
     fn sync_data(&self) -> std::io::Result<()> {
         self.faults.check()?;
+        let us = self.faults.sync_delay_us.load(Ordering::SeqCst);
+        if us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(us));
+        }
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {

@@ -50,6 +50,26 @@ pub(crate) struct Files {
     pub sm: SmStore,
 }
 
+/// Opens a redb file, waiting briefly while this process still closes an earlier handle.
+///
+/// NB: a replica that was just stopped may still be dropping its `Database` on another thread:
+/// its last reference is gone, but the destructor that releases the file lock has not finished.
+/// Another process cannot hold the file (the engine locks its data directory), so a lock
+/// conflict that outlasts the wait is a real error.
+pub(crate) fn retry_open(
+    mut open: impl FnMut() -> std::result::Result<redb::Database, redb::DatabaseError>,
+) -> std::result::Result<redb::Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match open() {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn open_redb(path: &Path, faults: Option<&DiskFaults>, create: bool) -> Result<redb::Database> {
     if !create && !path.exists() {
         return Err(Error::IdentityLost(format!("{} is missing", path.display())));
@@ -62,9 +82,9 @@ fn open_redb(path: &Path, faults: Option<&DiskFaults>, create: bool) -> Result<r
                 .create(create)
                 .truncate(false)
                 .open(path)?;
-            redb::Builder::new().create_with_backend(f.backend(file)?)?
+            retry_open(|| redb::Builder::new().create_with_backend(f.backend(file.try_clone()?)?))?
         }
-        None => redb::Builder::new().create(path)?,
+        None => retry_open(|| redb::Builder::new().create(path))?,
     };
     Ok(db)
 }
@@ -90,7 +110,7 @@ pub(crate) fn create(
     };
     let id_bytes = ident.storage_id.to_be_bytes();
     let log = LogStore::new(open_redb(&dir.join(LOG_FILE), faults, true)?)?;
-    log.put_meta_raw(log::KEY_STORAGE_ID, &id_bytes, true)?;
+    log.put_meta_raw(log::KEY_STORAGE_ID, &id_bytes)?;
     let sm = SmStore::new(open_redb(&dir.join(SM_FILE), faults, true)?, dir.join(SNAP_DIR))?;
     sm.put_meta_raw(log::KEY_STORAGE_ID, &id_bytes)?;
     sm.sync()?;

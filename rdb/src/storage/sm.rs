@@ -9,8 +9,10 @@
 //! so that holds. Installing a snapshot commits with `Immediate`.
 //!
 //! SNAPSHOTS are files under `snapshots/`, written from one MVCC read transaction so they never
-//! block applies. openraft streams them to peers in chunks straight from the file, so a state
-//! of hundreds of MB never has to fit in one message or in memory. The file format:
+//! block applies. rdb's network layer streams them to peers in chunks straight from the file
+//! (see `network.rs`), and the receiver writes the chunks into a `.part` file in its own
+//! `snapshots/` that is then renamed into place, so a state of hundreds of MB never has to fit
+//! in one message or in memory, and is never copied twice. The file format:
 //!
 //! ```text
 //!   "RDBSNAP1"
@@ -23,24 +25,43 @@
 //! `snapshots/current` names the newest complete snapshot file and its metadata; it is replaced
 //! atomically (write, fsync, rename, fsync directory).
 
-// NB: openraft's trait methods return its own (large) StorageError; the helpers here
-// return it too rather than convert back and forth.
-#![allow(clippy::result_large_err)]
-
 use std::fs;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
+use futures::StreamExt;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
 use crate::kv::{self, apply_tx, ApplyError, KeyClass, KvsInfo, WriteTables, ENTRIES, KVS, ROOT_ID};
 use crate::storage::log::blocking;
-use crate::types::{CommandResult, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::types::{CommandResult, Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// A snapshot as openraft passes it around: a complete snapshot file, open for reading.
+///
+/// The handle stays readable even after a newer snapshot replaced (and unlinked) the file, so
+/// a transfer in progress never loses its source.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    /// Where the file was when it was opened.
+    pub path: PathBuf,
+    /// The open file.
+    pub file: fs::File,
+}
+
+impl SnapshotFile {
+    /// Opens the snapshot file at `path`.
+    pub fn open(path: PathBuf) -> std::io::Result<Self> {
+        let file = fs::File::open(&path)?;
+        Ok(SnapshotFile { path, file })
+    }
+}
+
+pub(crate) type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>;
 
 pub(crate) const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 const KEY_APPLIED: &str = "applied";
@@ -65,25 +86,10 @@ struct CurrentSnapshot {
 pub struct SmStore {
     db: Arc<Database>,
     snap_dir: PathBuf,
-    /// The file that the snapshot being received is written to.
-    incoming: Arc<Mutex<Option<PathBuf>>>,
 }
 
-fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
-}
-
-fn snap_err(
-    meta: Option<&SnapshotMeta>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError {
-    StorageIOError::new(
-        ErrorSubject::Snapshot(meta.map(|m| m.signature())),
-        verb,
-        openraft::AnyError::new(&e),
-    )
-    .into()
+fn io(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 fn other(e: impl std::fmt::Display) -> redb::Error {
@@ -125,7 +131,6 @@ impl SmStore {
         Ok(SmStore {
             db: Arc::new(db),
             snap_dir,
-            incoming: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -137,6 +142,12 @@ impl SmStore {
     /// A weak handle on the redb file, to see when every user let go of it.
     pub(crate) fn weak(&self) -> std::sync::Weak<Database> {
         Arc::downgrade(&self.db)
+    }
+
+    /// A fresh path for a snapshot being received; leftovers are removed at the next open.
+    pub(crate) fn incoming_path(&self) -> PathBuf {
+        self.snap_dir
+            .join(format!("incoming-{:016x}.part", rand::random::<u64>()))
     }
 
     pub(crate) fn get_meta_raw(&self, key: &str) -> Result<Option<Vec<u8>>, redb::Error> {
@@ -218,17 +229,9 @@ impl SmStore {
             None => StoredMembership::default(),
         };
         let next_id = read_next_id(&meta_t)?;
-        let snapshot_id = match applied {
-            Some(l) => format!(
-                "{}-{}-{:08x}",
-                l.leader_id.get_term(),
-                l.index,
-                rand::random::<u32>()
-            ),
-            None => format!("0-0-{:08x}", rand::random::<u32>()),
-        };
-        let file = format!("{snapshot_id}.snap");
-        let tmp = self.snap_dir.join(format!("{snapshot_id}.tmp"));
+        let name = snapshot_name(applied);
+        let file = format!("{name}.snap");
+        let tmp = self.snap_dir.join(format!("{name}.tmp"));
         {
             let mut w = BufWriter::with_capacity(1 << 20, fs::File::create(&tmp)?);
             w.write_all(SNAP_MAGIC)?;
@@ -261,7 +264,6 @@ impl SmStore {
         let meta = SnapshotMeta {
             last_log_id: applied,
             last_membership: membership,
-            snapshot_id,
         };
         self.set_current(&meta, &file)?;
         Ok((meta, file))
@@ -343,7 +345,7 @@ impl SmStore {
             let mut last = None;
             for entry in entries {
                 last = Some(entry.log_id);
-                let entry_term = entry.log_id.leader_id.get_term();
+                let entry_term = entry.log_id.leader_id.term;
                 match entry.payload {
                     EntryPayload::Blank => out.push(CommandResult::default()),
                     EntryPayload::Normal(cmd) => {
@@ -419,111 +421,106 @@ pub(crate) fn write_atomic(path: &FsPath, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `<term>-<index>-<random>`: unique, and sorted by what it covers.
+fn snapshot_name(applied: Option<LogId>) -> String {
+    match applied {
+        Some(l) => format!("{}-{}-{:08x}", l.leader_id.term, l.index, rand::random::<u32>()),
+        None => format!("0-0-{:08x}", rand::random::<u32>()),
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
         let this = self.clone();
-        let (meta, file) = blocking(move || this.build_blocking())
-            .await
-            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
-        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
-        let f = tokio::fs::File::open(self.snap_dir.join(file))
-            .await
-            .map_err(|e| snap_err(Some(&meta), ErrorVerb::Read, e))?;
+        let (meta, file) = blocking(move || this.build_blocking()).await.map_err(io)?;
+        tracing::info!(upto = ?meta.last_log_id, "built snapshot");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(f),
+            snapshot: SnapshotFile::open(self.snap_dir.join(file))?,
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for SmStore {
+    type SnapshotData = SnapshotFile;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        self.read_applied().map_err(|e| sm_err(ErrorVerb::Read, e))
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
+        self.read_applied().map_err(io)
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
-        I::IntoIter: openraft::OptionalSend,
+        Strm: futures::Stream<Item = std::io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         // NB: applied inline, not on the blocking pool: an apply is a non-durable redb commit
         // (CPU and page-cache writes, no fsync), and the thread hop cost more than the work.
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        self.apply_blocking(entries).map_err(|e| {
+        // Everything this call is given is applied in one redb transaction, and answered after
+        // it committed.
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let results = self.apply_blocking(batch).map_err(|e| {
             tracing::error!(cause = %e, "state machine apply failed; the replica stops");
-            sm_err(ErrorVerb::Write, e)
-        })
+            io(e)
+        })?;
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(r) = responder {
+                r.send(result);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let path = self
-            .snap_dir
-            .join(format!("incoming-{:016x}.part", rand::random::<u64>()));
-        let f = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await
-            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
-        if let Some(old) = self.incoming.lock().expect("lock").replace(path) {
-            let _ = fs::remove_file(old);
-        }
-        Ok(Box::new(f))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: Box<tokio::fs::File>,
-    ) -> Result<(), StorageError> {
-        // NB: openraft hands over a file handle, which need not be the one from
-        // `begin_receiving_snapshot`; copy from the handle rather than trusting a path.
-        let incoming = self.incoming.lock().expect("lock").take();
-        let mut src = snapshot.into_std().await;
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotFile) -> std::io::Result<()> {
         let this = self.clone();
         let m = meta.clone();
         blocking(move || {
-            let file = format!("{}.snap", m.snapshot_id);
-            let tmp = this.snap_dir.join(format!("{}.tmp", m.snapshot_id));
+            let file = format!("{}.snap", snapshot_name(m.last_log_id));
+            let path = this.snap_dir.join(&file);
+            // A file received into our own directory is renamed into place; one from elsewhere
+            // (openraft's storage suite hands over another store's) is copied.
+            if snapshot.path.parent() == Some(this.snap_dir.as_path())
+                && snapshot.path.extension().is_some_and(|x| x == "part")
             {
+                snapshot.file.sync_all()?;
+                drop(snapshot.file);
+                fs::rename(&snapshot.path, &path)?;
+            } else {
+                let tmp = path.with_extension("tmp");
+                let mut src = snapshot.file;
                 src.seek(SeekFrom::Start(0))?;
                 let mut dst = fs::File::create(&tmp)?;
                 std::io::copy(&mut src, &mut dst)?;
                 dst.sync_all()?;
+                fs::rename(&tmp, &path)?;
             }
-            drop(src);
-            if let Some(p) = incoming {
-                let _ = fs::remove_file(p);
-            }
-            let path = this.snap_dir.join(&file);
-            fs::rename(&tmp, &path)?;
             this.install_blocking(&m, &path)?;
             this.set_current(&m, &file)
         })
         .await
-        .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        .map_err(io)?;
+        tracing::info!(upto = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let cur = self
-            .read_current()
-            .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-        let Some(cur) = cur else { return Ok(None) };
-        let f = tokio::fs::File::open(self.snap_dir.join(&cur.file))
-            .await
-            .map_err(|e| snap_err(Some(&cur.meta), ErrorVerb::Read, e))?;
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
+        let Some(cur) = self.read_current().map_err(io)? else {
+            return Ok(None);
+        };
         Ok(Some(Snapshot {
             meta: cur.meta,
-            snapshot: Box::new(f),
+            snapshot: SnapshotFile::open(self.snap_dir.join(&cur.file))?,
         }))
     }
 }
