@@ -18,7 +18,7 @@ use crate::codec;
 use crate::config::DbConfig;
 use crate::error::{Error, Result};
 use crate::kv::Op;
-use crate::leadership::{leader_term, Alternator, LeaderEvent};
+use crate::leadership::{leader_term, Action, Input, LeaderEvent, Leadership, Observed, Policy};
 use crate::network::{NetFactory, RaftRpc, Refusal, Reply, RpcHandler, RpcKind, SnapshotChunk, Transport};
 use crate::storage::{self, DiskFaults, Identity};
 use crate::types::{
@@ -132,14 +132,14 @@ pub(crate) struct Inner {
     /// The term this replica serves as leader in; written only by the watcher.
     pub up: watch::Receiver<Option<u64>>,
     events: Mutex<Option<mpsc::UnboundedReceiver<LeaderEvent>>>,
+    /// Tells the leadership driver about resignations; the driver alone decides leadership.
+    leader_cmds: mpsc::UnboundedSender<LeaderCmd>,
     batcher: mpsc::Sender<Pending>,
     admission: Admission,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// Until when the watcher must not step up (set by `resign`).
-    resign_until: Arc<Mutex<Option<Instant>>>,
     commits: AtomicU64,
-    /// The read lease: (term, valid until). Set by the watcher after each quorum proof.
+    /// The read lease: (term, valid until). Written only by the leadership driver.
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
     /// The snapshot being received from the leader, if any.
     incoming: tokio::sync::Mutex<Option<Incoming>>,
@@ -237,7 +237,7 @@ impl Db {
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (batch_tx, batch_rx) = mpsc::channel(opts.config.max_batch_txs * 4);
         let (shutdown, _) = watch::channel(false);
-        let resign_until = Arc::new(Mutex::new(None));
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let lease = Arc::new(Mutex::new(None));
         let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
         let inner = Arc::new(Inner {
@@ -250,23 +250,27 @@ impl Db {
             files: weak_files,
             up: up_rx,
             events: Mutex::new(Some(ev_rx)),
+            leader_cmds: cmd_tx,
             batcher: batch_tx,
             admission,
             shutdown,
             tasks: Mutex::new(Vec::new()),
-            resign_until: resign_until.clone(),
             commits: AtomicU64::new(0),
             lease: lease.clone(),
             incoming: tokio::sync::Mutex::new(None),
             started: Instant::now(),
         });
-        let watcher = tokio::spawn(watch_leadership(Watch {
+        // NB: a replica that just started grants no votes for election_timeout_max (see
+        // handle_rpc); it does not campaign then either, or candidates that cannot win would
+        // inflate the term and depose whoever wins next. The driver turns elections on after.
+        raft.runtime_config().elect(false);
+        let watcher = tokio::spawn(run_leadership(Driver {
             raft: raft.clone(),
             cfg: opts.config.clone(),
             up: up_tx,
             events: ev_tx,
+            cmds: cmd_rx,
             shutdown: inner.shutdown.subscribe(),
-            resign_until,
             me: ident.replica,
             lease,
         }));
@@ -286,29 +290,13 @@ impl Db {
             .lock()
             .expect("lock")
             .extend([watcher, batcher, compactor]);
-        // NB: a replica that just started grants no votes for election_timeout_max (see
-        // handle_rpc); it does not campaign then either, or candidates that cannot win would
-        // inflate the term and depose whoever wins next.
-        inner.raft.runtime_config().elect(false);
-        {
-            let (raft, hold, mut stop) = (
-                inner.raft.clone(),
-                opts.config.election_timeout.1,
-                inner.shutdown.subscribe(),
-            );
-            let resign_until = inner.resign_until.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(hold) => {}
-                    _ = stop.changed() => return,
-                }
-                if resign_until.lock().expect("lock").is_none() {
-                    raft.runtime_config().elect(true);
-                }
-            });
-        }
         tracing::info!(db = %ident.db, replica = %ident.replica, "started replica");
         Ok(Db { inner })
+    }
+
+    fn leader_cmd(&self, cmd: LeaderCmd) {
+        // NB: fails only once the driver ended (the replica stops); then nothing leads anyway.
+        let _ = self.inner.leader_cmds.send(cmd);
     }
 
     /// This replica's identity.
@@ -646,7 +634,9 @@ impl Db {
     /// its leadership up again after that.
     pub async fn resign(&self) -> Result<()> {
         let hold = self.inner.config.election_timeout.1 * 2;
-        *self.inner.resign_until.lock().expect("lock") = Some(Instant::now() + hold);
+        self.leader_cmd(LeaderCmd::Resign {
+            until: Instant::now() + hold,
+        });
         tracing::info!(replica = %self.inner.ident.replica, "resigning leadership");
         let mut up = self.inner.up.clone();
         let stepped_down = async {
@@ -679,9 +669,9 @@ impl Db {
             return Err(self.not_leader());
         }
         let deadline = Instant::now() + timeout;
-        *self.inner.resign_until.lock().expect("lock") = Some(deadline);
+        self.leader_cmd(LeaderCmd::Resign { until: deadline });
         let give_back = |e: Error| {
-            *self.inner.resign_until.lock().expect("lock") = None;
+            self.leader_cmd(LeaderCmd::Unresign);
             Err(e)
         };
         let mut m = self.inner.raft.metrics();
@@ -756,7 +746,7 @@ impl Db {
 
     /// Starts an election now.
     pub async fn campaign(&self) -> Result<()> {
-        *self.inner.resign_until.lock().expect("lock") = None;
+        self.leader_cmd(LeaderCmd::Unresign);
         self.inner.raft.trigger().elect(false).await.map_err(fatal)
     }
 
@@ -881,7 +871,7 @@ impl Db {
             )),
             RpcKind::TransferLeader => {
                 tracing::info!(replica = %me.replica, from = %rpc.from, "leadership transfer");
-                *self.inner.resign_until.lock().expect("lock") = None;
+                self.leader_cmd(LeaderCmd::Unresign);
                 let req = codec::decode(&rpc.payload).map_err(bad)?;
                 codec::encode(&reply(raft.handle_transfer_leader(req).await))
             }
@@ -1094,143 +1084,143 @@ async fn run_batcher(
     }
 }
 
-/// What the leadership watcher works with.
-struct Watch {
+/// What the leadership driver is told besides metrics.
+enum LeaderCmd {
+    Resign { until: Instant },
+    Unresign,
+}
+
+/// What the leadership driver works with.
+struct Driver {
     raft: Raft,
     cfg: DbConfig,
     /// Publishes the term this replica serves as leader in.
     up: watch::Sender<Option<u64>>,
     events: mpsc::UnboundedSender<LeaderEvent>,
+    cmds: mpsc::UnboundedReceiver<LeaderCmd>,
     shutdown: watch::Receiver<bool>,
-    resign_until: Arc<Mutex<Option<Instant>>>,
     me: ReplicaId,
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
 }
 
-/// Turns openraft's metrics into [`LeaderEvent`]s; see `leadership.rs`.
-async fn watch_leadership(w: Watch) {
-    let Watch {
+/// One metrics sample as the policy sees it.
+fn observe(m: &openraft::RaftMetrics<TypeConfig>) -> Observed {
+    let leading = leader_term(m);
+    let sole_voter = {
+        let mut voters = m.membership_config.membership().voter_ids();
+        voters.next() == Some(m.id) && voters.next().is_none()
+    };
+    let quorum_acked = match leading {
+        Some(_) if sole_voter => Some(Instant::now()),
+        Some(_) => m
+            .last_quorum_acked
+            .as_ref()
+            .and_then(|at| Instant::now().checked_sub(openraft::Instant::elapsed(&**at))),
+        None => None,
+    };
+    Observed {
+        leading,
+        other_leader: m.current_leader.is_some_and(|l| l != m.id),
+        quorum_acked,
+    }
+}
+
+/// Proves leadership of the current term: a ReadIndex round, then the whole log applied.
+async fn prove(raft: Raft, cfg: DbConfig) -> bool {
+    let confirmed = matches!(
+        tokio::time::timeout(
+            cfg.quorum_timeout,
+            raft.ensure_linearizable(ReadPolicy::ReadIndex)
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    if !confirmed {
+        return false;
+    }
+    // NB: openraft restores a restarted leader in its old term (enable_leader_restore), with
+    // the commit index it last persisted; a ReadIndex then only covers that. Before serving,
+    // everything in the log when it took office must be applied: the new term's first entry
+    // for a fresh leader (DAOS's debut entry), every entry written before the crash for a
+    // restored one.
+    let target = raft.metrics().borrow_watched().last_log_index;
+    raft.wait(Some(cfg.election_timeout.1))
+        .applied_index_at_least(target, "leader applies its whole log")
+        .await
+        .is_ok()
+}
+
+/// Feeds the leadership policy (see `leadership.rs`) and carries out what it decides.
+async fn run_leadership(d: Driver) {
+    let Driver {
         raft,
         cfg,
         up,
         events,
+        mut cmds,
         mut shutdown,
-        resign_until,
         me,
         lease,
-    } = w;
+    } = d;
+    let mut policy = Leadership::new(Policy {
+        read_lease: cfg.read_lease(),
+        quorum_timeout: cfg.quorum_timeout,
+        startup_hold: cfg.election_timeout.1,
+        lease_reads: cfg.lease_reads,
+    });
     let mut metrics = raft.metrics();
-    let mut alt = Alternator::default();
-    // When the last successful quorum proof was *issued*: a quorum followed us at or after it.
-    let mut confirmed_at = Instant::now();
-    let mut last_probe: Option<Instant> = None;
-    // Whether heartbeats and elections are switched off for a resignation.
-    let mut resigned = false;
+    let (proof_tx, mut proofs) = mpsc::unbounded_channel::<(u64, bool)>();
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let lease_on_emit = lease.clone();
-    let emit = |alt: &mut Alternator, want: Option<u64>| {
-        if want.is_none() {
-            // No lease survives a step-down.
-            *lease_on_emit.lock().expect("lock") = None;
-        }
-        for ev in alt.transition(want) {
-            match ev {
-                LeaderEvent::StepUp { term } => tracing::info!(replica = %me, term, "step up"),
-                LeaderEvent::StepDown { term } => tracing::info!(replica = %me, term, "step down"),
-            }
-            let _ = events.send(ev);
-        }
-        up.send_replace(alt.up());
-    };
+    let mut input = Input::Started;
     loop {
-        tokio::select! {
+        let prev = policy.up();
+        let actions = policy.step(Instant::now(), input);
+        // Publish first: a service that hears StepUp can begin at once, and one that hears
+        // StepDown finds nothing left to serve.
+        *lease.lock().expect("lock") = policy.lease();
+        if policy.up() != prev {
+            up.send_replace(policy.up());
+        }
+        for a in actions {
+            match a {
+                Action::Event(ev) => {
+                    match ev {
+                        LeaderEvent::StepUp { term } => tracing::info!(replica = %me, term, "step up"),
+                        LeaderEvent::StepDown { term } => tracing::info!(replica = %me, term, "step down"),
+                    }
+                    let _ = events.send(ev);
+                }
+                Action::Prove { id, .. } => {
+                    let (raft, cfg, tx) = (raft.clone(), cfg.clone(), proof_tx.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send((id, prove(raft, cfg).await));
+                    });
+                }
+                Action::Heartbeats(on) => raft.runtime_config().heartbeat(on),
+                Action::Elections(on) => raft.runtime_config().elect(on),
+            }
+        }
+        input = tokio::select! {
             _ = shutdown.changed() => break,
-            r = metrics.changed() => if r.is_err() { break },
-            _ = tick.tick() => {}
-        }
-        let (cand, other_leader) = {
-            let m = metrics.borrow_and_update();
-            (
-                leader_term(&m),
-                m.current_leader.is_some_and(|l| l != me.node_id()),
-            )
-        };
-
-        // Resignation: serve nothing, send no heartbeats, start no elections, until another
-        // replica leads or the hold time is over.
-        let resign_deadline = *resign_until.lock().expect("lock");
-        if let Some(deadline) = resign_deadline {
-            if Instant::now() < deadline && !other_leader {
-                if !resigned {
-                    resigned = true;
-                    raft.runtime_config().heartbeat(false);
-                    raft.runtime_config().elect(false);
+            r = metrics.changed() => {
+                if r.is_err() {
+                    break;
                 }
-                emit(&mut alt, None);
-                continue;
+                Input::Observe(observe(&metrics.borrow_watched()))
             }
-            *resign_until.lock().expect("lock") = None;
-        }
-        if resigned {
-            resigned = false;
-            raft.runtime_config().heartbeat(true);
-            raft.runtime_config().elect(true);
-        }
-
-        let Some(t) = cand else {
-            emit(&mut alt, None);
-            continue;
+            _ = tick.tick() => Input::Observe(observe(&metrics.borrow_watched())),
+            Some(cmd) = cmds.recv() => match cmd {
+                LeaderCmd::Resign { until } => Input::Resign { until },
+                LeaderCmd::Unresign => Input::Unresign,
+            },
+            Some((id, ok)) = proofs.recv() => Input::ProofDone { id, ok },
         };
-        if alt.up().is_some_and(|u| u != t) {
-            emit(&mut alt, None);
-        }
-        // Prove leadership (again) every half read lease, so that the lease never lapses under
-        // a leader that keeps its quorum. Each proof is a ReadIndex round: it confirms a quorum
-        // and waits until this term's first entry is applied. NB: openraft's heartbeats run
-        // anyway; these rounds are extra traffic per led group.
-        // Not yet up: try every heartbeat, to step up promptly.
-        let every = if alt.up().is_some() {
-            cfg.heartbeat.max(cfg.read_lease() / 2)
-        } else {
-            cfg.heartbeat
-        };
-        if last_probe.is_none_or(|at| at.elapsed() >= every) {
-            let issued = Instant::now();
-            last_probe = Some(issued);
-            let mut ok = matches!(
-                tokio::time::timeout(
-                    cfg.quorum_timeout,
-                    raft.ensure_linearizable(ReadPolicy::ReadIndex)
-                )
-                .await,
-                Ok(Ok(_))
-            );
-            if ok && alt.up().is_none() {
-                // NB: openraft 0.9 restarts a crashed leader as leader of its old term, with
-                // the commit index it last persisted; a ReadIndex then only covers that. Before
-                // serving, everything in our log when we took office must be applied: that is
-                // the new term's first entry for a fresh leader (DAOS's debut entry), and every
-                // entry written before the crash for a restarted one.
-                let target = raft.metrics().borrow_watched().last_log_index;
-                let wait = raft.wait(Some(cfg.election_timeout.1));
-                ok = wait
-                    .applied_index_at_least(target, "leader applies its whole log")
-                    .await
-                    .is_ok();
-            }
-            if ok && leader_term(&raft.metrics().borrow_watched()) == Some(t) {
-                confirmed_at = issued;
-                emit(&mut alt, Some(t));
-                if cfg.lease_reads {
-                    *lease.lock().expect("lock") = Some((t, issued + cfg.read_lease()));
-                }
-            }
-        }
-        if alt.up() == Some(t) && confirmed_at.elapsed() > cfg.quorum_timeout {
-            tracing::warn!(replica = %me, term = t, "no quorum within the quorum timeout; not serving");
-            emit(&mut alt, None);
-        }
     }
-    emit(&mut alt, None);
+    *lease.lock().expect("lock") = None;
+    up.send_replace(None);
+    if let Some(term) = policy.up() {
+        tracing::info!(replica = %me, term, "step down");
+        let _ = events.send(LeaderEvent::StepDown { term });
+    }
 }
