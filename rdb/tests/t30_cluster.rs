@@ -342,3 +342,48 @@ async fn a_just_elected_leader_hands_over_in_one_term() {
     c.put("after", "v").await;
     c.shutdown().await;
 }
+
+/// A follower cut off for several election timeouts comes back without deposing the healthy
+/// leader: with pre-vote it never raised its term while it could not win (openraft 0.9 had no
+/// pre-vote; such a replica came back with a higher term and forced an election).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_for_several_election_timeouts_rejoins_without_a_new_term() {
+    let c = Cluster::new(3, cfg()).await;
+    c.put("x", "0").await;
+    let (leader, term) = c.leader().await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let rank = c.nodes[follower].replica.rank;
+    c.net.isolate(rank);
+    // The fault lasts five maximum election timeouts; the leader keeps committing meanwhile
+    // through the remaining quorum, in the same term.
+    let cut = std::time::Instant::now();
+    let mut writes = 0;
+    while cut.elapsed() < cfg().election_timeout.1 * 5 {
+        c.put("x", &writes.to_string()).await;
+        writes += 1;
+        assert_eq!(
+            c.db(leader).up_term(),
+            Some(term),
+            "the leader lost its term during the cut"
+        );
+    }
+    assert_eq!(
+        c.db(follower).status().term,
+        term,
+        "the cut-off follower raised its term: its pre-votes must have failed"
+    );
+    c.net.heal();
+    let idx = c.db(leader).status().last_log_index.unwrap();
+    c.wait_applied(idx).await;
+    c.put("x", "after").await;
+    assert_eq!(
+        c.db(leader).up_term(),
+        Some(term),
+        "the rejoining follower deposed the leader"
+    );
+    for (_, d) in c.running() {
+        assert_eq!(d.status().term, term, "a replica left the leader's term");
+    }
+    assert!(writes > 0);
+    c.shutdown().await;
+}

@@ -113,6 +113,8 @@ pub struct Engine {
     pub rank: u32,
     /// Where it listens (and is dialled).
     pub addr: String,
+    /// Where it serves Prometheus metrics.
+    pub metrics: String,
     /// Whether it is an access point.
     pub access_point: bool,
     /// Its config file.
@@ -154,8 +156,10 @@ impl RsvcSystem {
         }
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut addrs = Vec::new();
+        let mut metrics = BTreeMap::new();
         for rank in 1..=spec.engines {
             addrs.push((rank, format!("127.0.0.1:{}", free_port()?)));
+            metrics.insert(rank, format!("127.0.0.1:{}", free_port()?));
         }
         let aps: Vec<String> = addrs
             .iter()
@@ -167,9 +171,10 @@ impl RsvcSystem {
         for (rank, addr) in &addrs {
             let config = dir.join(format!("engine{rank}.toml"));
             let toml = format!(
-                "rank = {rank}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\ncluster = \"{}\"\n\
-                 access_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
+                "rank = {rank}\nlisten = \"{addr}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\n\
+                 cluster = \"{}\"\naccess_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
                  election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{}\n",
+                metrics[rank],
                 Self::data_dir_in(dir, *rank).display(),
                 spec.cluster,
                 aps.join(", "),
@@ -184,6 +189,7 @@ impl RsvcSystem {
                 Engine {
                     rank: *rank,
                     addr: addr.clone(),
+                    metrics: metrics[rank].clone(),
                     access_point: *rank <= spec.access_points,
                     config,
                     proc: None,
@@ -402,6 +408,37 @@ impl RsvcSystem {
             .await
             .map(|_| ())
             .map_err(|e| format!("add a replica of {label} on rank {rank}: {e}"))
+    }
+
+    /// The raft term each replica on the engine of `rank` knows, by (class, instance), read
+    /// from its metrics.
+    pub async fn terms(&self, rank: u32) -> Result<BTreeMap<(String, String), u64>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = self.engines.get(&rank).ok_or_else(|| format!("no rank {rank}"))?;
+        let fetch = async {
+            let mut s = tokio::net::TcpStream::connect(&e.metrics).await?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).await?;
+            Ok::<_, std::io::Error>(body)
+        };
+        let body = tokio::time::timeout(Duration::from_secs(2), fetch)
+            .await
+            .map_err(|_| format!("metrics of rank {rank}: timed out"))?
+            .map_err(|err| format!("metrics of rank {rank}: {err}"))?;
+        let mut out = BTreeMap::new();
+        for line in body.lines().filter(|l| l.starts_with("rsvc_replica_term{")) {
+            let field = |k: &str| {
+                let start = line.find(&format!("{k}=\""))? + k.len() + 2;
+                let len = line[start..].find('"')?;
+                Some(line[start..start + len].to_string())
+            };
+            let term = line.rsplit(' ').next().and_then(|t| t.parse().ok());
+            if let (Some(c), Some(i), Some(t)) = (field("class"), field("instance"), term) {
+                out.insert((c, i), t);
+            }
+        }
+        Ok(out)
     }
 
     /// The pid of the engine of `rank`.
