@@ -6,7 +6,12 @@
 //! cargo run --release -p rdb --example bench                 # full run (~30 s)
 //! cargo run --release -p rdb --example bench -- --quick      # smoke run (CI)
 //! cargo run --release -p rdb --example bench -- --dir /mnt/nvme/tmp --seconds 10
+//! cargo run --release -p rdb --example bench -- --sync-delay-ms 200 --seconds 60  # a slow disk
 //! ```
+//!
+//! Every run also reports the elections it saw: with the default timers (150-300 ms) there
+//! should be none, even when every fsync stalls for 200 ms, because no fsync runs on
+//! openraft's core loop.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +54,9 @@ struct Args {
     /// Concurrent readers in the read phase (0 skips it).
     #[arg(long, default_value_t = 16)]
     readers: usize,
+    /// Make every fsync of every replica take this much longer (a slow or busy disk).
+    #[arg(long, default_value_t = 0)]
+    sync_delay_ms: u64,
     /// A short smoke run.
     #[arg(long)]
     quick: bool,
@@ -245,6 +253,7 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         config.max_inflight_batches = n;
     }
     config.lease_reads = !args.no_lease_reads;
+    let faults = rdb::DiskFaults::new();
     let mut dbs = Vec::new();
     for rank in 1..=args.replicas {
         let dir = tmp.path().join(format!("r{rank}"));
@@ -252,6 +261,7 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let addr = format!("local:{rank}");
         let mut opts = StartOptions::new(Arc::new(net.clone()), addr.clone());
         opts.config = config.clone();
+        opts.faults = Some(faults.clone());
         let db = Db::start(&dir, opts).await?;
         net.register(&addr, Arc::new(db.clone()));
         dbs.push(db);
@@ -260,6 +270,10 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     dbs[0].initialize(members).await?;
     let term = dbs[0].wait_up(Duration::from_secs(30)).await?;
     println!("replica 1.1 leads term {term}\n");
+    if args.sync_delay_ms > 0 {
+        faults.set_sync_delay(Duration::from_millis(args.sync_delay_ms));
+        println!("every fsync now stalls {} ms longer\n", args.sync_delay_ms);
+    }
 
     let mut runs = Vec::new();
     for &w in &args.writers {
@@ -299,6 +313,15 @@ async fn bench(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             r.p99_us as f64 / 1000.0
         );
     }
+    let terms_after = dbs.iter().map(|d| d.status().term).max().unwrap_or(term);
+    println!();
+    println!(
+        "elections during the run: {} (term {term} to {terms_after}; timers {:?}, heartbeat {:?})",
+        terms_after - term,
+        config.election_timeout,
+        config.heartbeat
+    );
+    faults.set_sync_delay(Duration::ZERO);
     for db in &dbs {
         db.stop().await?;
     }

@@ -7,7 +7,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The only record format so far: postcard of the record's serde form (openraft 0.9 types
+/// The only record format so far: postcard of the record's serde form (openraft types
 /// included) after this byte.
 pub const FORMAT_V1: u8 = 1;
 

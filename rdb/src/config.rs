@@ -10,8 +10,6 @@ pub struct DbConfig {
     /// Election timeout range. No fsync runs on openraft's core loop (see `storage::log`), so
     /// the minimum only has to cover a few heartbeats and network round trips.
     pub election_timeout: (Duration, Duration),
-    /// Deadline for one append/vote RPC.
-    pub rpc_timeout: Duration,
     /// Deadline for one snapshot chunk RPC (it carries `snapshot_chunk_bytes`).
     pub snapshot_chunk_timeout: Duration,
     /// Bytes per snapshot chunk.
@@ -42,10 +40,11 @@ pub struct DbConfig {
     pub max_critical_ops: usize,
     /// How long a free-space reading is reused.
     pub free_space_cache: Duration,
-    /// A leader that has not heard from a quorum for this long reports itself down and gives up
-    /// leadership. Must not exceed the minimum election timeout.
+    /// A leader without a quorum acknowledgement this recent stops serving (StepDown). Must
+    /// not exceed the maximum election timeout: followers refuse votes (and pre-votes) for that
+    /// long after they last heard from the leader, so nobody else can lead sooner.
     pub quorum_timeout: Duration,
-    /// Serve queries under a leader lease of half the minimum election timeout, counted from
+    /// Serve queries under a leader lease of half the maximum election timeout, counted from
     /// the last quorum confirmation, instead of a ReadIndex round per transaction. See the
     /// crate docs for why that is safe.
     pub lease_reads: bool,
@@ -54,9 +53,12 @@ pub struct DbConfig {
 impl Default for DbConfig {
     fn default() -> Self {
         DbConfig {
-            heartbeat: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(1000), Duration::from_millis(2000)),
-            rpc_timeout: Duration::from_millis(1000),
+            // NB: no fsync runs on openraft's core loop, so heartbeats are never stuck behind
+            // a disk. A follower campaigns only after its lease on the leader (one maximum
+            // election timeout) and then one election timeout more ran out without a heartbeat:
+            // at least 350 ms of silence, and a dead leader costs 350-500 ms. See docs/design.md.
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(100), Duration::from_millis(250)),
             snapshot_chunk_timeout: Duration::from_secs(10),
             snapshot_chunk_bytes: 1 << 20,
             snapshot_every_entries: 10_000,
@@ -69,20 +71,21 @@ impl Default for DbConfig {
             critical_free_bytes: 16 << 10,
             max_critical_ops: 8,
             free_space_cache: Duration::from_millis(250),
-            quorum_timeout: Duration::from_millis(1000),
+            quorum_timeout: Duration::from_millis(250),
             lease_reads: true,
         }
     }
 }
 
 impl DbConfig {
-    /// Fast timers for tests on loopback: elections within a second.
+    /// Timers for tests: elections within a second or two, with room for a test machine that
+    /// runs many clusters at once (slower than the defaults, so that a starved test process
+    /// does not see spurious elections).
     pub fn fast() -> Self {
         DbConfig {
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
-            rpc_timeout: Duration::from_millis(300),
-            quorum_timeout: Duration::from_millis(400),
+            quorum_timeout: Duration::from_millis(800),
             ..DbConfig::default()
         }
     }
@@ -98,9 +101,9 @@ impl DbConfig {
                 self.heartbeat
             ));
         }
-        if self.quorum_timeout > lo {
+        if self.quorum_timeout > hi {
             return Err(format!(
-                "quorum timeout {:?} must not exceed the election timeout {lo:?}",
+                "quorum timeout {:?} must not exceed the maximum election timeout {hi:?}",
                 self.quorum_timeout
             ));
         }
@@ -110,9 +113,10 @@ impl DbConfig {
         Ok(())
     }
 
-    /// How long a quorum confirmation lets the leader answer reads on its own.
+    /// How long a quorum acknowledgement lets the leader answer reads on its own: half the
+    /// time a follower refuses votes after it heard from the leader (see `leadership.rs`).
     pub(crate) fn read_lease(&self) -> Duration {
-        self.election_timeout.0 / 2
+        self.election_timeout.1 / 2
     }
 
     pub(crate) fn raft_config(&self, cluster: &str) -> openraft::Config {

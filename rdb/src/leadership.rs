@@ -20,8 +20,8 @@
 //!   quorum that had moved on would refuse them.
 //! - The read lease lasts `read_lease` from the quorum acknowledgement, not from when it was
 //!   seen, and only while stepped up. Followers refuse votes for `election_timeout_max` after
-//!   they last heard from their leader; `read_lease` is at most half the minimum election
-//!   timeout, so the lease ends well before anyone can be elected.
+//!   they last heard from their leader; `read_lease` is half of that, so the lease ends well
+//!   before anyone can be elected (clock rates would have to differ by 2x to break this).
 //! - After start, elections stay off for `startup_hold` (one maximum election timeout: a
 //!   replica that forgot whom it followed must not campaign, or it inflates terms).
 //! - While resigned (until its deadline, or until another replica leads), the replica serves

@@ -33,23 +33,27 @@
 //!
 //! ## READS AND LEADERSHIP
 //!
-//! A leader answers queries only while it can prove that no other leader exists. The proof is
-//! a lease: the watcher confirms a quorum every heartbeat (a ReadIndex round), and for half a
-//! minimum election timeout after a confirmation was *issued*, reads are served from local
-//! state. That is safe for three reasons:
-//! - openraft followers refuse votes for `election_timeout_max` after they last heard from
-//!   their leader;
-//! - a restarted replica, which forgot whom it followed, grants no vote for
+//! Leadership is decided by a plain state machine (`leadership.rs`) that an async driver feeds
+//! with openraft's metrics. A replica steps up in term t only when openraft leads t, a proof in
+//! t succeeded (a ReadIndex round, then its whole log applied), and a quorum acknowledged it
+//! within `quorum_timeout`; it steps down as soon as one of these fails. Leadership is reported
+//! as a strictly alternating stream of [`LeaderEvent`]s.
+//!
+//! A leader answers queries from local state under a lease: for `read_lease` (half the maximum
+//! election timeout) after the send time of the newest RPC a quorum acknowledged (openraft's
+//! `last_quorum_acked`; no extra RPCs). That is safe for three reasons:
+//! - openraft followers refuse votes and pre-votes for `election_timeout_max` after they last
+//!   heard from their leader, which is after the leader sent what they acknowledged;
+//! - a restarted replica, which forgot whom it followed, grants neither for
 //!   `election_timeout_max` after it starts;
 //! - every write acknowledged before the read is applied on this leader, since a leader steps
 //!   up only after applying its whole log, and acknowledges only after applying.
 //!
 //! Outside the lease, the first query of a transaction pays a ReadIndex round itself.
-//! `DbConfig::lease_reads = false` always pays it. Leadership is reported as a strictly
-//! alternating stream of [`LeaderEvent`]s. A StepUp comes only after such a round succeeded in
-//! the new term (so the term's first entry is applied). A leader that cannot reach a quorum for
-//! `quorum_timeout` reports StepDown and starts an election to shed its openraft leadership,
-//! which openraft 0.9 would otherwise keep forever.
+//! `DbConfig::lease_reads = false` always pays it.
+//!
+//! Pre-vote is on: a replica that lost touch asks before it raises its term, so it never
+//! deposes a healthy leader when it comes back. Leadership transfer is openraft's.
 //!
 //! ## DURABILITY
 //!
@@ -79,12 +83,18 @@
 //!
 //! - Lease reads assume that clock rates on the replicas differ by far less than 2x. A
 //!   replica's monotonic clock that runs much slower than its peers' could outlive the lease.
+//! - The default timers (heartbeat 50 ms, election 100-250 ms) suit a LAN; a follower
+//!   campaigns after about 350 ms without a heartbeat. Across slower links, raise them.
 //! - After a whole-group restart, the first election waits one maximum election timeout (no
 //!   votes are granted before that).
 //! - An I/O error (ENOSPC included) while writing the log or state machine stops the replica
 //!   (openraft treats storage errors as fatal). It loses nothing that was acknowledged; it must
 //!   be restarted once the disk is fixed, and catches up from its peers.
-//! - [`Db::resign`] costs about two election timeouts; openraft 0.9 has no leadership transfer.
+//! - [`Db::resign`] leaves the group leaderless for about an election; prefer
+//!   [`Db::transfer_leadership`], which takes one round trip.
+//! - openraft 0.10 is an alpha, pinned exactly. Replicas written on openraft 0.9 are not
+//!   supported (a 0.9 vote does not decode, so opening one fails): a group moves between the
+//!   two as a whole, by creating a new one (see docs/design.md).
 //! - Followers cannot refuse entries for lack of space; admission happens only on the leader.
 //! - [`Db::dictate`] can lose committed data by design; it is for quorum loss only.
 

@@ -24,6 +24,11 @@ pub struct ClientConfig {
     pub backoff_base: Duration,
     /// Largest backoff step.
     pub backoff_max: Duration,
+    /// While an election is under way (the leader is unreachable, or replicas answer
+    /// NotLeader), retry at most this far apart (jittered), however many attempts failed:
+    /// such answers cost the servers nothing, and the new leader is found as soon as it
+    /// serves. Other failures back off exponentially up to `backoff_max`.
+    pub election_poll: Duration,
     /// How long establishing a TCP connection to one engine may take.
     pub connect_timeout: Duration,
 }
@@ -35,6 +40,7 @@ impl Default for ClientConfig {
             rpc_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
+            election_poll: Duration::from_millis(25),
             connect_timeout: Duration::from_secs(2),
         }
     }
@@ -368,7 +374,8 @@ impl<S: ServiceApi> RsvcClient<S> {
                     };
                     if !(not_leader && next_is_leader) {
                         round_failures += 1;
-                        self.backoff(round_failures, deadline).await;
+                        let electing = not_leader || matches!(f, Failure::Transport(_));
+                        self.backoff_capped(round_failures, deadline, electing).await;
                     }
                 }
             }
@@ -376,11 +383,21 @@ impl<S: ServiceApi> RsvcClient<S> {
     }
 
     async fn backoff(&self, failures: u32, deadline: Instant) {
+        self.backoff_capped(failures, deadline, false).await
+    }
+
+    /// Full-jitter exponential backoff; capped at `election_poll` while `electing`.
+    async fn backoff_capped(&self, failures: u32, deadline: Instant, electing: bool) {
         let exp = self
             .cfg
             .backoff_base
             .saturating_mul(1u32 << failures.min(16).saturating_sub(1));
-        let cap = exp.min(self.cfg.backoff_max);
+        let max = if electing {
+            self.cfg.election_poll.min(self.cfg.backoff_max)
+        } else {
+            self.cfg.backoff_max
+        };
+        let cap = exp.min(max);
         let jittered = cap.mul_f64(rand::random::<f64>());
         let remaining = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(jittered.min(remaining)).await;

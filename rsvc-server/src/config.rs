@@ -12,9 +12,9 @@
 //! reconf_after_secs = 30            # move replicas off an engine down this long; 0: never
 //!
 //! [raft]
-//! heartbeat_ms = 100
-//! election_timeout_min_ms = 1000
-//! election_timeout_max_ms = 2000
+//! heartbeat_ms = 50
+//! election_timeout_min_ms = 150
+//! election_timeout_max_ms = 300
 //! snapshot_every_entries = 10000
 //! keep_log_behind_snapshot = 1000
 //! no_append_free_bytes = 4194304
@@ -137,7 +137,7 @@ impl FileConfig {
                 Duration::from_millis(r.election_timeout_min_ms),
                 Duration::from_millis(r.election_timeout_max_ms),
             ),
-            quorum_timeout: Duration::from_millis(r.election_timeout_min_ms),
+            quorum_timeout: Duration::from_millis(r.election_timeout_max_ms),
             snapshot_every_entries: r.snapshot_every_entries,
             keep_log_behind_snapshot: r.keep_log_behind_snapshot,
             no_append_free_bytes: r.no_append_free_bytes,
@@ -174,7 +174,7 @@ mod tests {
             listen = "127.0.0.1:0"
             access_points = ["1@a:1", "2@b:2"]
             [raft]
-            heartbeat_ms = 50
+            heartbeat_ms = 40
             "#,
         )
         .unwrap();
@@ -184,7 +184,7 @@ mod tests {
             e.access_points,
             vec![(1, "a:1".to_string()), (2, "b:2".to_string())]
         );
-        assert_eq!(e.db.heartbeat, Duration::from_millis(50));
+        assert_eq!(e.db.heartbeat, Duration::from_millis(40));
         assert_eq!(e.db.election_timeout.1, DbConfig::default().election_timeout.1);
 
         assert!(

@@ -398,7 +398,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
-        self.get_meta(KEY_VOTE)
+        self.get_meta(KEY_VOTE).map_err(|e| {
+            // NB: openraft 0.9 encoded the vote's leader id differently; such a replica must
+            // not be resumed by 0.10 (see docs/design.md, upgrading).
+            io::Error::other(format!(
+                "the raft vote in log.redb does not decode ({e}); a replica written by rsvc on \
+                 openraft 0.9 cannot be opened by this version"
+            ))
+        })
     }
 }
 

@@ -157,6 +157,25 @@ async fn rsvc_put(c: &rsvc_client::RsvcClient<pool_svc::PoolApi>, key: String) -
 }
 
 /// Writes of 256-byte values under distinct keys.
+/// The highest raft term any running engine knows for the pool and the management service
+/// together: the number of elections since start, up to a constant.
+async fn rsvc_terms(sys: &RsvcSystem) -> u64 {
+    let mut by_instance = std::collections::BTreeMap::new();
+    for rank in sys.running() {
+        for (k, t) in sys.terms(rank).await.unwrap_or_default() {
+            let e = by_instance.entry(k).or_insert(0);
+            *e = t.max(*e);
+        }
+    }
+    by_instance.values().sum()
+}
+
+/// The raft term of the etcd cluster, as its members report it.
+async fn etcd_term(etcd: &EtcdCluster) -> Option<u64> {
+    let mut c = etcd.client().await.ok()?;
+    Some(c.status().await.ok()?.raft_term())
+}
+
 async fn writes(
     rep: &mut Report,
     o: &Opts,
@@ -167,6 +186,7 @@ async fn writes(
     for n in o.clients() {
         let clients: Vec<_> = (0..n).map(|_| sys.pool(LABEL, cfg())).collect();
         let clients = Arc::new(clients);
+        let terms_before = rsvc_terms(sys).await;
         let r = closed_loop(
             format!("rsvc: writes, {n} clients"),
             n,
@@ -177,7 +197,9 @@ async fn writes(
             },
         )
         .await;
+        let rsvc_elections = rsvc_terms(sys).await.saturating_sub(terms_before);
         let client = etcd.client().await?;
+        let etcd_before = etcd_term(etcd).await;
         let e = closed_loop(
             format!("etcd: writes, {n} clients"),
             n,
@@ -200,6 +222,18 @@ async fn writes(
                 r.errors, e.errors
             );
         }
+        let etcd_elections = match (etcd_before, etcd_term(etcd).await) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64),
+            _ => None,
+        };
+        // Elections under load show whether the timers are too tight for the machine.
+        let row = rep.row(
+            format!("elections during writes, {n} clients"),
+            "count",
+            Better::Lower,
+        );
+        row.rsvc = Some(rsvc_elections as f64);
+        row.etcd = etcd_elections;
         let row = rep.row(format!("write, {n} clients"), "ops/s", Better::Higher);
         row.rsvc = Some(r.rate());
         row.etcd = Some(e.rate());
@@ -636,7 +670,7 @@ async fn run_in(o: &Opts, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Production defaults on both sides (rsvc 1000-2000 ms / 100 ms, etcd 1000 / 100): writes,
+/// Production defaults on both sides (rsvc 150-300 ms / 50 ms, etcd 1000 / 100): writes,
 /// reads, kill -9 failover and SIGTERM hand-over, as far as `o` asks for them. Returns rsvc's
 /// kill -9 gaps, if measured, for the lease-election row.
 async fn defaults_part(
