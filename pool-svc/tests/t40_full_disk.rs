@@ -187,3 +187,165 @@ async fn filled_by_writes_refuses_before_enospc_and_resumes_when_space_grows() {
     no_core_quit(&sys);
     drop(sys);
 }
+
+/// Fills the filesystem at `dir` with a ballast file until ENOSPC; returns its path.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) => break,
+            Err(e) => panic!("ballast: {e}"),
+        }
+    }
+    // Whatever a partial write left: fill it byte-wise.
+    while f.write(&[0u8; 4096]).is_ok_and(|n| n > 0) {}
+    let _ = f.sync_all();
+    path
+}
+
+/// One follower's filesystem (its own tmpfs) fills up from outside. Its replicas meet a real
+/// ENOSPC (followers do not admit; only leaders do), their raft cores stop, and the group goes
+/// on with the other two: every write is acknowledged. When the ballast goes, the engine
+/// reopens the stopped replicas by itself, with no restart, they catch up, and every
+/// acknowledged write reads back from the replica that was full once it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_on_a_full_filesystem_stops_then_reopens_by_itself() {
+    use rsvc_tests::wait_for;
+    let fs = Tmpfs::mount(48);
+    let sys = System::start_with_data_of(3, |rank| (rank == 3).then(|| fs.path().join("engine3"))).await;
+    create(&sys, "tank");
+    // Rank 3 must follow: a full leader refuses writes at once (admission), which is the
+    // other tests' scenario.
+    let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
+    if q["leader"].as_u64() == Some(3) {
+        sys.json(
+            POOL_SVC,
+            &[
+                "pool",
+                "transfer-leader",
+                "--label",
+                "tank",
+                "--to",
+                "1",
+                "--json",
+            ],
+        );
+    }
+    let ballast = fill(fs.path());
+    let value = "v".repeat(16 << 10);
+    let mut acked = Vec::new();
+    let log3 = sys.rsvc.log(3);
+    let t = Instant::now();
+    // Write until rank 3 reports the storage error (its log fills), and then some.
+    let mut after_stop = 0;
+    for i in 0..2000 {
+        let name = format!("f{i:05}");
+        let (code, _) = set_attr(&sys, "tank", &name, &value);
+        assert_eq!(
+            code,
+            Some(0),
+            "write {i} with one follower's disk full was not acknowledged"
+        );
+        acked.push(name);
+        let stopped = std::fs::read_to_string(&log3)
+            .unwrap_or_default()
+            .contains("replica stopped by a storage error");
+        if stopped {
+            after_stop += 1;
+            if after_stop > 10 {
+                break;
+            }
+        }
+    }
+    assert!(
+        after_stop > 10,
+        "rank 3 never met ENOSPC in {} writes",
+        acked.len()
+    );
+    eprintln!(
+        "rank 3 stopped by ENOSPC after {:.2} s; {} writes acknowledged, all by the other two",
+        t.elapsed().as_secs_f64(),
+        acked.len()
+    );
+
+    std::fs::remove_file(&ballast).unwrap();
+    let freed = Instant::now();
+    let leader = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"])["leader"]
+        .as_u64()
+        .unwrap() as u32;
+    let key = ("pool".to_string(), "tank".to_string());
+    let target = sys
+        .rsvc
+        .replica_metric(leader, "rsvc_replica_last_log_index")
+        .await
+        .unwrap()[&key];
+    wait_for(
+        "rank 3 to reopen its replica and catch up",
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(50),
+        || async {
+            let applied = sys
+                .rsvc
+                .replica_metric(3, "rsvc_replica_applied_index")
+                .await
+                .ok()?;
+            (applied.get(&key).copied()? >= target).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "rank 3 reopened and caught up {:.2} s after the ballast went",
+        freed.elapsed().as_secs_f64()
+    );
+    let log = wait_for(
+        "rank 3 to report its replicas running again",
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(100),
+        || async {
+            let log = std::fs::read_to_string(&log3).unwrap_or_default();
+            let down = log.matches("replica stopped by a storage error").count();
+            let up = log.matches("replica runs again after a storage error").count();
+            (down > 0 && up == down).then_some(log)
+        },
+    )
+    .await
+    .unwrap();
+    for l in log.lines().filter(|l| l.contains("storage error")) {
+        eprintln!("rank 3: {l}");
+    }
+    assert!(
+        log.matches("replica stopped by a storage error").count() <= 2,
+        "the outage is reported once per replica (pool and management), not per attempt"
+    );
+
+    // Rank 3 leads, and every acknowledged write reads back from it.
+    sys.json(
+        POOL_SVC,
+        &[
+            "pool",
+            "transfer-leader",
+            "--label",
+            "tank",
+            "--to",
+            "3",
+            "--json",
+        ],
+    );
+    for name in &acked {
+        let out = sys.run(POOL_SVC, &["pool", "get-attr", "--label", "tank", name]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout.len(), value.len() + 1, "{name}");
+    }
+    writes_resume(&sys, "rank 3 took over");
+    drop(sys);
+}

@@ -88,8 +88,10 @@
 //! - After a whole-group restart, the first election waits one maximum election timeout (no
 //!   votes are granted before that).
 //! - An I/O error (ENOSPC included) while writing the log or state machine stops the replica
-//!   (openraft treats storage errors as fatal). It loses nothing that was acknowledged; it must
-//!   be restarted once the disk is fixed, and catches up from its peers.
+//!   (openraft treats storage errors as fatal; [`Status::stopped`] says why). It loses nothing
+//!   that was acknowledged. [`Db::stop`] and [`Db::start`] on the same directory bring it back
+//!   and it catches up from its peers; rsvc-server's engine does that by itself, once a
+//!   second, until the replica runs.
 //! - [`Db::resign`] leaves the group leaderless for about an election; prefer
 //!   [`Db::transfer_leadership`], which takes one round trip.
 //! - openraft 0.10 is an alpha, pinned exactly. Replicas written on openraft 0.9 are not

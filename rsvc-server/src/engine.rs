@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rdb::{Db, DbConfig, DbId, Member, ReplicaId, StartOptions};
 use rsvc_client::wire::{self as cwire, pb as cpb};
@@ -17,6 +18,11 @@ use crate::host::{Host, State};
 use crate::service::ServiceFactory;
 use crate::transport::{GrpcTransport, MAX_RAFT_MESSAGE_BYTES};
 use crate::wire::{self, pb};
+
+/// How often the engine looks for replicas that a storage error stopped.
+const REVIVE_PERIOD: Duration = Duration::from_secs(1);
+/// A reopened replica counts as running again once it stayed up this long.
+const REVIVED_AFTER: Duration = Duration::from_secs(3);
 
 /// How long a stopping engine tries to hand over one instance's leadership.
 const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -272,6 +278,10 @@ impl Engine {
             let e = engine.clone();
             tokio::spawn(async move { e.join_system(access_points, is_ap).await });
         }
+        {
+            let e = engine.clone();
+            tokio::spawn(async move { e.revive_stopped().await });
+        }
         Ok(engine)
     }
 
@@ -431,6 +441,82 @@ impl Engine {
         let host = Host::start(class, instance, db.clone(), factory.create(instance));
         self.inner.hosts.write().expect("lock").insert(host);
         Ok(db)
+    }
+
+    /// Reopens replicas whose raft core a storage error stopped (a full disk, most often),
+    /// once a second until each runs again: a restart of the engine is never needed. Says so
+    /// once per replica and outage, not per attempt.
+    ///
+    /// NB: openraft stops a replica on its first storage error, and redb may need a reopen
+    /// after a failed commit; reopening from the files is what a restart would do. Nothing
+    /// acknowledged is lost: an entry counts only once it is durable on a quorum. While the
+    /// replica is down its group runs on the others; the reopened replica catches up from
+    /// the leader.
+    async fn revive_stopped(&self) {
+        /// One replica's outage: when it began, and when the last reopen succeeded.
+        struct Outage {
+            since: std::time::Instant,
+            reopened: Option<std::time::Instant>,
+        }
+        let mut stop = self.inner.shutdown.subscribe();
+        let mut tick = tokio::time::interval(REVIVE_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down: HashMap<(String, String), Outage> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            for h in self.hosts() {
+                let key = (h.class.clone(), h.instance.clone());
+                let Some(why) = h.db.status().stopped else {
+                    // Up again; it counts once it stayed up (a full disk may stop it again
+                    // at once, and that is still the same outage).
+                    if let Some(o) = down.get(&key) {
+                        if o.reopened.is_some_and(|t| t.elapsed() >= REVIVED_AFTER) {
+                            tracing::info!(class = %h.class, instance = %h.instance,
+                                down_ms = o.since.elapsed().as_millis() as u64,
+                                "replica runs again after a storage error");
+                            down.remove(&key);
+                        }
+                    }
+                    continue;
+                };
+                down.entry(key.clone()).or_insert_with(|| {
+                    tracing::warn!(class = %h.class, instance = %h.instance, cause = %why,
+                        "replica stopped by a storage error; reopening it until it runs");
+                    Outage {
+                        since: std::time::Instant::now(),
+                        reopened: None,
+                    }
+                });
+                if let Err(e) = h.db.stop().await {
+                    tracing::debug!(class = %h.class, instance = %h.instance, cause = %e, "stopping the failed replica");
+                }
+                // Only if nobody replaced or removed it meanwhile.
+                if !self
+                    .host(&h.class, &h.instance)
+                    .is_some_and(|c| Arc::ptr_eq(&c, &h))
+                {
+                    down.remove(&key);
+                    continue;
+                }
+                match self.open_replica(&h.class, &h.instance, h.db.dir()).await {
+                    Ok(_) => {
+                        if let Some(o) = down.get_mut(&key) {
+                            o.reopened = Some(std::time::Instant::now());
+                        }
+                        tracing::debug!(class = %h.class, instance = %h.instance, "reopened after a storage error");
+                    }
+                    Err(e) => {
+                        tracing::debug!(class = %h.class, instance = %h.instance, cause = %e, "reopen failed; trying again");
+                    }
+                }
+            }
+        }
     }
 
     /// The hosted replica of `class`/`instance`, if any.

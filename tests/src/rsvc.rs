@@ -413,6 +413,15 @@ impl RsvcSystem {
     /// The raft term each replica on the engine of `rank` knows, by (class, instance), read
     /// from its metrics.
     pub async fn terms(&self, rank: u32) -> Result<BTreeMap<(String, String), u64>, String> {
+        self.replica_metric(rank, "rsvc_replica_term").await
+    }
+
+    /// One per-replica metric (`rsvc_replica_*`) of the engine of `rank`, by (class, instance).
+    pub async fn replica_metric(
+        &self,
+        rank: u32,
+        name: &str,
+    ) -> Result<BTreeMap<(String, String), u64>, String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let e = self.engines.get(&rank).ok_or_else(|| format!("no rank {rank}"))?;
         let fetch = async {
@@ -427,7 +436,8 @@ impl RsvcSystem {
             .map_err(|_| format!("metrics of rank {rank}: timed out"))?
             .map_err(|err| format!("metrics of rank {rank}: {err}"))?;
         let mut out = BTreeMap::new();
-        for line in body.lines().filter(|l| l.starts_with("rsvc_replica_term{")) {
+        let prefix = format!("{name}{{");
+        for line in body.lines().filter(|l| l.starts_with(&prefix)) {
             let field = |k: &str| {
                 let start = line.find(&format!("{k}=\""))? + k.len() + 2;
                 let len = line[start..].find('"')?;

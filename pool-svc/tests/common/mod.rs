@@ -96,11 +96,18 @@ impl System {
     /// [`start`](Self::start) with the engines' data directories under `data` (a filesystem
     /// of the test's choosing); configs and logs stay in a temporary directory.
     pub async fn start_with_data(n: u32, data: &Path) -> System {
+        Self::start_with_data_of(n, |rank| Some(data.join(format!("engine{rank}")))).await
+    }
+
+    /// [`start`](Self::start) with the data directory of each rank where `data` says (`None`:
+    /// the temporary directory), e.g. one engine on a filesystem of its own.
+    pub async fn start_with_data_of(n: u32, data: impl Fn(u32) -> Option<PathBuf>) -> System {
         let tmp = TempDir::new().unwrap();
         for rank in 1..=n {
-            let on = data.join(format!("engine{rank}"));
-            std::fs::create_dir_all(&on).unwrap();
-            std::os::unix::fs::symlink(&on, tmp.path().join(format!("engine{rank}"))).unwrap();
+            if let Some(on) = data(rank) {
+                std::fs::create_dir_all(&on).unwrap();
+                std::os::unix::fs::symlink(&on, tmp.path().join(format!("engine{rank}"))).unwrap();
+            }
         }
         Self::start_in(n, tmp).await
     }

@@ -45,9 +45,7 @@ impl Db {
         // NB: a replica that just started does not remember which leader it promised, by
         // following it, not to replace: it grants no vote (nor pre-vote) for a maximum election
         // timeout. That keeps the old leader's read lease safe across a follower restart.
-        if matches!(rpc.kind, RpcKind::Vote | RpcKind::PreVote)
-            && self.inner.started.elapsed() < self.inner.config.election_timeout.1
-        {
+        if matches!(rpc.kind, RpcKind::Vote | RpcKind::PreVote) && Instant::now() < self.inner.votes_from {
             return Err(Refusal::Starting);
         }
         let raft = &self.inner.raft;

@@ -154,8 +154,8 @@ pub(crate) struct Inner {
     lease: Arc<Mutex<Option<(u64, Instant)>>>,
     /// The snapshot being received from the leader, if any.
     incoming: tokio::sync::Mutex<Option<Incoming>>,
-    /// When this replica started; it grants no vote for `election_timeout_max` after.
-    started: Instant,
+    /// Until when this replica grants no vote or pre-vote (see `intake`).
+    pub(crate) votes_from: Instant,
 }
 
 /// One replica of a replicated database. Cheap to clone.
@@ -203,6 +203,14 @@ impl Db {
         opts.config.validate().map_err(Error::Invalid)?;
         let files = storage::open(dir, opts.faults.as_ref())?;
         let ident = files.ident;
+        // NB: a replica that has followed a leader persisted that leader's vote. One that never
+        // did has no lease to keep and may grant votes at once, so a new group elects its
+        // first leader in one round.
+        let followed = files
+            .log
+            .read_vote_offline()
+            .map_err(|e| Error::Storage(e.to_string()))?
+            .is_some();
         let raft_config = opts
             .config
             .raft_config(&ident.db.to_string())
@@ -252,7 +260,11 @@ impl Db {
             commits: AtomicU64::new(0),
             lease: lease.clone(),
             incoming: tokio::sync::Mutex::new(None),
-            started: Instant::now(),
+            votes_from: if followed {
+                Instant::now() + opts.config.election_timeout.1
+            } else {
+                Instant::now()
+            },
         });
         // NB: a replica that just started grants no votes for election_timeout_max (see
         // handle_rpc); it does not campaign then either, or candidates that cannot win would
@@ -497,9 +509,12 @@ impl Db {
         }
         let _ = self.inner.raft.shutdown().await;
         let sm = self.inner.sm.lock().expect("lock").take();
-        if let Some(sm) = sm {
-            storage::log::blocking(move || sm.sync()).await?;
-        }
+        // NB: a failed sync (a full disk) loses nothing: the log holds every applied entry.
+        // The files are released either way, so that the replica can be reopened.
+        let synced = match sm {
+            Some(sm) => storage::log::blocking(move || sm.sync()).await,
+            None => Ok(()),
+        };
         // openraft's storage tasks end shortly after its core; wait until the files are free so
         // that the replica can be opened again at once.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -509,6 +524,7 @@ impl Db {
             }
             tokio::time::sleep(STOP_POLL).await;
         }
+        synced?;
         tracing::info!(replica = %self.inner.ident.replica, "stopped replica");
         Ok(())
     }
