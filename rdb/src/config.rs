@@ -10,6 +10,10 @@ pub struct DbConfig {
     /// Election timeout range. No fsync runs on openraft's core loop (see `storage::log`), so
     /// the minimum only has to cover a few heartbeats and network round trips.
     pub election_timeout: (Duration, Duration),
+    /// Deadline for one AppendEntries RPC that carries entries. openraft gives every
+    /// replication RPC three quarters of a heartbeat, too little for a batch of large entries to
+    /// a catching-up replica; heartbeats (no entries) keep openraft's deadline.
+    pub append_timeout: Duration,
     /// Deadline for one snapshot chunk RPC (it carries `snapshot_chunk_bytes`).
     pub snapshot_chunk_timeout: Duration,
     /// Bytes per snapshot chunk.
@@ -59,6 +63,7 @@ impl Default for DbConfig {
             // at least 350 ms of silence, and a dead leader costs 350-500 ms. See docs/design.md.
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(100), Duration::from_millis(250)),
+            append_timeout: Duration::from_secs(2),
             snapshot_chunk_timeout: Duration::from_secs(10),
             snapshot_chunk_bytes: 1 << 20,
             snapshot_every_entries: 10_000,

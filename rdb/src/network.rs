@@ -117,6 +117,8 @@ pub(crate) struct NetFactory {
     /// Bytes per snapshot chunk, and the deadline for each.
     pub chunk_bytes: usize,
     pub chunk_timeout: Duration,
+    /// Deadline of an AppendEntries that carries entries (see `DbConfig::append_timeout`).
+    pub append_timeout: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetFactory {
@@ -131,6 +133,7 @@ impl RaftNetworkFactory<TypeConfig> for NetFactory {
             member: node.clone(),
             chunk_bytes: self.chunk_bytes,
             chunk_timeout: self.chunk_timeout,
+            append_timeout: self.append_timeout,
         }
     }
 }
@@ -143,6 +146,7 @@ pub(crate) struct PeerConn {
     member: Member,
     chunk_bytes: usize,
     chunk_timeout: Duration,
+    append_timeout: Duration,
 }
 
 /// What the receiving replica answers: openraft's reply, or why its raft could not produce one
@@ -220,7 +224,12 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(RpcKind::Append, &rpc, option.soft_ttl()).await
+        let timeout = if rpc.entries.is_empty() {
+            option.soft_ttl()
+        } else {
+            option.soft_ttl().max(self.append_timeout)
+        };
+        self.call(RpcKind::Append, &rpc, timeout).await
     }
 
     async fn vote(

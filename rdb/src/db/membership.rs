@@ -44,12 +44,44 @@ impl Db {
                 .await
                 .map_err(|e| self.map_write_err(e))?;
         }
+        self.wait_caught_up(id).await?;
         self.inner
             .raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
             .map_err(|e| self.map_write_err(e))?;
         Ok(())
+    }
+
+    /// Waits until the learner `id` holds every entry this leader had when the wait began.
+    ///
+    /// NB: openraft's blocking `add_learner` returns once the learner is within
+    /// `replication_lag_threshold` entries, and rdb packs many transactions into one entry, so
+    /// a learner with none of a large state counted as caught up; promoted, it was a voter
+    /// that could not yet help a quorum.
+    async fn wait_caught_up(&self, id: NodeId) -> Result<()> {
+        let mut m = self.inner.raft.metrics();
+        let target = m.borrow_watched().last_log_index;
+        loop {
+            {
+                let mm = m.borrow_and_update();
+                if leader_term(&mm).is_none() {
+                    return Err(self.not_leader());
+                }
+                let matched = mm
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned())
+                    .flatten()
+                    .map(|l| l.index);
+                if matched >= target {
+                    return Ok(());
+                }
+            }
+            m.changed()
+                .await
+                .map_err(|_| Error::Stopped("replica stopped".into()))?;
+        }
     }
 
     /// Removes a replica (voter or learner) from the group.

@@ -222,6 +222,7 @@ impl Db {
             me: ident.replica,
             chunk_bytes: usize::try_from(opts.config.snapshot_chunk_bytes).unwrap_or(usize::MAX),
             chunk_timeout: opts.config.snapshot_chunk_timeout,
+            append_timeout: opts.config.append_timeout,
         };
         let sm = files.sm.clone();
         let weak_files = vec![files.log.weak(), files.sm.weak()];
