@@ -17,12 +17,6 @@ fn refused(started: Started, what: &str, why: &str) {
     }
 }
 
-fn leader_of(sys: &System, label: &str) -> u64 {
-    sys.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["leader"]
-        .as_u64()
-        .unwrap()
-}
-
 fn replicas_of(sys: &System, label: &str) -> Vec<u64> {
     sys.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["replicas"]
         .as_array()
@@ -41,7 +35,7 @@ async fn removing_the_leaders_replica_completes() {
         POOL_SVC,
         &["pool", "create", "--label", "rmtest", "--replicas", "3", "--json"],
     );
-    let leader = leader_of(&sys, "rmtest");
+    let leader = sys.pool_leader("rmtest");
     let r = leader.to_string();
     let out = sys.json(
         POOL_SVC,
@@ -68,7 +62,7 @@ async fn removing_the_leaders_replica_completes() {
     // The pool serves from the other two, under a new leader.
     let reps = replicas_of(&sys, "rmtest");
     assert_eq!(reps.len(), 2);
-    assert!(reps.contains(&leader_of(&sys, "rmtest")));
+    assert!(reps.contains(&sys.pool_leader("rmtest")));
     sys.json(
         POOL_SVC,
         &["pool", "set-attr", "--label", "rmtest", "a", "b", "--json"],
@@ -271,20 +265,9 @@ async fn transfer_to_the_leader_succeeds_and_bad_labels_are_usage_errors() {
         POOL_SVC,
         &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
     );
-    let leader = leader_of(&sys, "tank").to_string();
-    let out = sys.json(
-        POOL_SVC,
-        &[
-            "pool",
-            "transfer-leader",
-            "--label",
-            "tank",
-            "--to",
-            &leader,
-            "--json",
-        ],
-    );
-    assert_eq!(out["leader"].to_string(), leader);
+    let leader = sys.pool_leader("tank");
+    let out = sys.transfer_leader("tank", leader);
+    assert_eq!(out["leader"], leader);
     let elsewhere = sys.fails(
         POOL_SVC,
         &["pool", "transfer-leader", "--label", "tank", "--to", "9"],
@@ -308,20 +291,9 @@ async fn sigterm_right_after_a_transfer_costs_one_election() {
         POOL_SVC,
         &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
     );
-    let first = leader_of(&sys, "tank");
+    let first = sys.pool_leader("tank");
     let to = (1..=3u64).find(|r| *r != first).unwrap();
-    sys.json(
-        POOL_SVC,
-        &[
-            "pool",
-            "transfer-leader",
-            "--label",
-            "tank",
-            "--to",
-            &to.to_string(),
-            "--json",
-        ],
-    );
+    sys.transfer_leader("tank", to);
     let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
     assert_eq!(q["leader"], to);
     let term = q["term"].as_u64().unwrap();
@@ -346,7 +318,7 @@ async fn a_paused_engine_rejoins_without_changing_any_term() {
         POOL_SVC,
         &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
     );
-    let pool_leader = leader_of(&sys, "tank") as u32;
+    let pool_leader = sys.pool_leader("tank") as u32;
     let mgmt_leader = sys
         .rsvc
         .leader(MGMT_CLASS, MGMT_INSTANCE, DEADLINE)
@@ -369,7 +341,7 @@ async fn a_paused_engine_rejoins_without_changing_any_term() {
     let paused = Instant::now();
     let hold = Duration::from_millis(sys.rsvc.timers.election_max_ms * 5);
     while paused.elapsed() < hold {
-        assert_eq!(leader_of(&sys, "tank") as u32, pool_leader);
+        assert_eq!(sys.pool_leader("tank") as u32, pool_leader);
     }
     sys.rsvc.pause(victim, false).unwrap();
 
@@ -400,6 +372,6 @@ async fn a_paused_engine_rejoins_without_changing_any_term() {
         after, before,
         "a term changed: the resumed engine disrupted a leader"
     );
-    assert_eq!(leader_of(&sys, "tank") as u32, pool_leader);
+    assert_eq!(sys.pool_leader("tank") as u32, pool_leader);
     assert!(sys.rsvc.serving(mgmt_leader, MGMT_CLASS, MGMT_INSTANCE).await);
 }

@@ -221,20 +221,8 @@ async fn a_follower_on_a_full_filesystem_stops_then_reopens_by_itself() {
     create(&sys, "tank");
     // Rank 3 must follow: a full leader refuses writes at once (admission), which is the
     // other tests' scenario.
-    let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
-    if q["leader"].as_u64() == Some(3) {
-        sys.json(
-            POOL_SVC,
-            &[
-                "pool",
-                "transfer-leader",
-                "--label",
-                "tank",
-                "--to",
-                "1",
-                "--json",
-            ],
-        );
+    if sys.pool_leader("tank") == 3 {
+        sys.transfer_leader("tank", 1);
     }
     let ballast = fill(fs.path());
     let value = "v".repeat(16 << 10);
@@ -275,9 +263,7 @@ async fn a_follower_on_a_full_filesystem_stops_then_reopens_by_itself() {
 
     std::fs::remove_file(&ballast).unwrap();
     let freed = Instant::now();
-    let leader = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"])["leader"]
-        .as_u64()
-        .unwrap() as u32;
+    let leader = sys.pool_leader("tank") as u32;
     let key = ("pool".to_string(), "tank".to_string());
     let target = sys
         .rsvc
@@ -325,18 +311,7 @@ async fn a_follower_on_a_full_filesystem_stops_then_reopens_by_itself() {
     );
 
     // Rank 3 leads, and every acknowledged write reads back from it.
-    sys.json(
-        POOL_SVC,
-        &[
-            "pool",
-            "transfer-leader",
-            "--label",
-            "tank",
-            "--to",
-            "3",
-            "--json",
-        ],
-    );
+    sys.transfer_leader("tank", 3);
     for name in &acked {
         let out = sys.run(POOL_SVC, &["pool", "get-attr", "--label", "tank", name]);
         assert!(

@@ -164,6 +164,29 @@ impl System {
             .unwrap()
     }
 
+    /// The rank leading pool `label` (`pool query`).
+    pub fn pool_leader(&self, label: &str) -> u64 {
+        self.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["leader"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Hands the leadership of pool `label` to `to` (`pool transfer-leader`); its JSON answer.
+    pub fn transfer_leader(&self, label: &str, to: u64) -> serde_json::Value {
+        self.json(
+            POOL_SVC,
+            &[
+                "pool",
+                "transfer-leader",
+                "--label",
+                label,
+                "--to",
+                &to.to_string(),
+                "--json",
+            ],
+        )
+    }
+
     /// Runs a command that must succeed, print nothing on stderr, and print JSON.
     pub fn json(&self, bin: &str, args: &[&str]) -> serde_json::Value {
         let out = self.run(bin, args);

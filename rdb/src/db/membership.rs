@@ -59,7 +59,7 @@ impl Db {
     /// `replication_lag_threshold` entries, and rdb packs many transactions into one entry, so
     /// a learner with none of a large state counted as caught up; promoted, it was a voter
     /// that could not yet help a quorum.
-    async fn wait_caught_up(&self, id: NodeId) -> Result<()> {
+    pub(super) async fn wait_caught_up(&self, id: NodeId) -> Result<()> {
         let mut m = self.inner.raft.metrics();
         let target = m.borrow_watched().last_log_index;
         loop {

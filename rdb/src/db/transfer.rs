@@ -48,36 +48,19 @@ impl Db {
             self.leader_cmd(LeaderCmd::Unresign);
             Err(e)
         };
-        let mut m = self.inner.raft.metrics();
         // A target that is down or far behind is not worth waiting for long.
         let catch_up = timeout.min(self.inner.config.election_timeout.1 * 2);
-        let caught_up = tokio::time::timeout(catch_up, async {
-            loop {
-                let ok = {
-                    let mm = m.borrow_and_update();
-                    let last = mm.last_log_index;
-                    mm.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&to.node_id()).cloned())
-                        .flatten()
-                        .is_some_and(|l| Some(l.index) >= last)
-                };
-                if ok {
-                    return true;
-                }
-                if m.changed().await.is_err() {
-                    return false;
-                }
-            }
-        })
-        .await
-        .unwrap_or(false);
+        let caught_up = matches!(
+            tokio::time::timeout(catch_up, self.wait_caught_up(to.node_id())).await,
+            Ok(Ok(()))
+        );
         if !caught_up {
             return give_back(Error::Timeout(format!("replica {to} did not catch up")));
         }
         if let Err(e) = self.inner.raft.trigger().transfer_leader(to.node_id()).await {
             return give_back(fatal(e));
         }
+        let mut m = self.inner.raft.metrics();
         let me = self.inner.ident.replica.node_id();
         let moved = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), async {
             loop {

@@ -297,8 +297,10 @@ fn run_writer(shared: Arc<Shared>, rx: mpsc::Receiver<Op>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let committed = shared.mem.lock().expect("lock").committed.take();
-        let failed = shared.mem.lock().expect("lock").failed.clone();
+        let (committed, failed) = {
+            let mut mem = shared.mem.lock().expect("lock");
+            (mem.committed.take(), mem.failed.clone())
+        };
         let res = match failed {
             Some(why) => Err(format!("the raft log failed earlier: {why}")),
             None => commit_batch(&shared.db, &batch, committed).map_err(|e| e.to_string()),
