@@ -143,6 +143,53 @@ async fn below_the_threshold_writes_get_nospace_at_once_and_critical_ops_pass() 
     drop(sys);
 }
 
+/// The leader has room, but both followers share one nearly full filesystem: no quorum can
+/// hold an ordinary write, so the leader refuses it with NoSpace at once (the followers report
+/// their space on every heartbeat reply) instead of appending what the followers would meet
+/// ENOSPC on. Critical operations pass, and writes resume when the followers have room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_short_of_space_make_the_leader_refuse_at_once() {
+    let fs = Tmpfs::mount(96);
+    let sys = System::start_with_data_of(3, |rank| {
+        (rank != 1).then(|| fs.path().join(format!("engine{rank}")))
+    })
+    .await;
+    create(&sys, "tank");
+    create(&sys, "spare");
+    if sys.pool_leader("tank") != 1 {
+        sys.transfer_leader("tank", 1);
+    }
+    assert_eq!(set_attr(&sys, "tank", "before", "1").0, Some(0));
+
+    let ballast = fs.path().join("ballast");
+    let size = fs.free().saturating_sub(2800 << 10);
+    std::fs::write(&ballast, vec![0u8; size as usize]).unwrap();
+    eprintln!("free on the followers' filesystem: {} KiB", fs.free() >> 10);
+    let secs = sys.wait_for("a write refused with NoSpace", || {
+        match set_attr(&sys, "tank", "refused", "x") {
+            (Some(0), _) => None,
+            (Some(4), secs) => Some(secs),
+            (code, _) => panic!("exit {code:?}: neither acknowledged nor NoSpace"),
+        }
+    });
+    eprintln!("set-attr with both followers short: exit 4 after {secs:.3} s");
+    let out = sys.run(POOL_SVC, &["pool", "set-attr", "--label", "tank", "refused", "x"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("space"), "the error says why: {err}");
+    sys.json(POOL_SVC, &["pool", "destroy", "--label", "spare", "--json"]);
+    no_core_quit(&sys);
+
+    std::fs::remove_file(&ballast).unwrap();
+    writes_resume(&sys, "the followers' ballast went");
+    let got = sys.json(
+        POOL_SVC,
+        &["pool", "get-attr", "--label", "tank", "before", "--json"],
+    );
+    assert!(got.to_string().contains('1'), "{got}");
+    drop(sys);
+}
+
 /// Filled by its own writes: the replicas refuse with NoSpace before the disk is full, so no
 /// snapshot or append meets ENOSPC and no raft core quits; every acknowledged write reads back,
 /// and once the filesystem grows, writes resume without a restart.

@@ -44,6 +44,9 @@ pub struct DbConfig {
     pub max_critical_ops: usize,
     /// How long a free-space reading is reused.
     pub free_space_cache: Duration,
+    /// How long a leader trusts a follower's last free-space report (they come on every
+    /// AppendEntries reply). Older ones are treated as unknown, and unknown as room enough.
+    pub space_report_ttl: Duration,
     /// A leader without a quorum acknowledgement this recent stops serving (StepDown). Must
     /// not exceed the maximum election timeout: followers refuse votes (and pre-votes) for that
     /// long after they last heard from the leader, so nobody else can lead sooner.
@@ -76,6 +79,7 @@ impl Default for DbConfig {
             critical_free_bytes: 16 << 10,
             max_critical_ops: 8,
             free_space_cache: Duration::from_millis(250),
+            space_report_ttl: Duration::from_secs(5),
             quorum_timeout: Duration::from_millis(250),
             lease_reads: true,
         }

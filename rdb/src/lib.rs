@@ -112,7 +112,7 @@ mod storage;
 mod tx;
 mod types;
 
-pub use admission::{FixedProbe, SpaceProbe, StatvfsProbe};
+pub use admission::{FixedProbe, SharedFsProbe, SpaceProbe, StatvfsProbe};
 pub use config::DbConfig;
 pub use db::{Committed, Db, Role, StartOptions, Status};
 pub use error::{Error, Result};

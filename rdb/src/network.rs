@@ -20,6 +20,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::admission::{SpaceReport, SpaceReports};
 use crate::codec;
 use crate::storage::sm::{Snapshot, SnapshotFile};
 use crate::types::{DbId, Member, NodeId, ReplicaId, SnapshotMeta, TypeConfig, Vote};
@@ -119,6 +120,8 @@ pub(crate) struct NetFactory {
     pub chunk_timeout: Duration,
     /// Deadline of an AppendEntries that carries entries (see `DbConfig::append_timeout`).
     pub append_timeout: Duration,
+    /// Where the followers' free-space reports go (see [`crate::admission`]).
+    pub reports: Arc<SpaceReports>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetFactory {
@@ -134,6 +137,7 @@ impl RaftNetworkFactory<TypeConfig> for NetFactory {
             chunk_bytes: self.chunk_bytes,
             chunk_timeout: self.chunk_timeout,
             append_timeout: self.append_timeout,
+            reports: self.reports.clone(),
         }
     }
 }
@@ -147,6 +151,15 @@ pub(crate) struct PeerConn {
     chunk_bytes: usize,
     chunk_timeout: Duration,
     append_timeout: Duration,
+    reports: Arc<SpaceReports>,
+}
+
+/// What a follower answers to AppendEntries: openraft's reply, and its free space for the
+/// leader's admission check (`None` if it could not read it).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct AppendReply {
+    pub reply: Reply<AppendEntriesResponse<TypeConfig>>,
+    pub space: Option<SpaceReport>,
 }
 
 /// What the receiving replica answers: openraft's reply, or why its raft could not produce one
@@ -154,12 +167,29 @@ pub(crate) struct PeerConn {
 pub(crate) type Reply<T> = Result<T, String>;
 
 impl PeerConn {
+    /// Sends `req` and decodes the reply, openraft's answer or why there is none.
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         kind: RpcKind,
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
+        let res: Reply<Resp> = self.call_raw(kind, req, timeout).await?;
+        res.map_err(|e| self.remote_failure(e))
+    }
+
+    /// A failure on the far side: reported to openraft as the peer being unreachable.
+    fn remote_failure(&self, e: String) -> RPCError<TypeConfig> {
+        RPCError::Unreachable(Unreachable::from_string(format!("{}: {e}", self.member.replica)))
+    }
+
+    /// Sends `req` and decodes the reply payload as `R`.
+    async fn call_raw<Req: Serialize, R: DeserializeOwned>(
+        &self,
+        kind: RpcKind,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<R, RPCError<TypeConfig>> {
         let payload = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let rpc = RaftRpc {
             db: self.db,
@@ -174,10 +204,7 @@ impl PeerConn {
             .call(&self.member.addr, rpc, timeout)
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let res: Reply<Resp> = codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        res.map_err(|e| {
-            RPCError::Unreachable(Unreachable::from_string(format!("{}: {e}", self.member.replica)))
-        })
+        codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 
@@ -229,7 +256,11 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         } else {
             option.soft_ttl().max(self.append_timeout)
         };
-        self.call(RpcKind::Append, &rpc, timeout).await
+        let AppendReply { reply, space } = self.call_raw(RpcKind::Append, &rpc, timeout).await?;
+        if let Some(space) = space {
+            self.reports.record(self.target, space);
+        }
+        reply.map_err(|e| self.remote_failure(e))
     }
 
     async fn vote(

@@ -65,6 +65,72 @@ async fn low_space_refuses_ordinary_writes_but_not_critical_ones() {
     c.shutdown().await;
 }
 
+/// The leader has room but both followers are short: no quorum can hold an ordinary write, so
+/// the leader refuses it at once with the followers' reading (they report their space on every
+/// AppendEntries reply). One follower with room again is enough for a quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_admits_only_what_a_quorum_can_hold() {
+    let config = DbConfig {
+        free_space_cache: std::time::Duration::ZERO,
+        ..DbConfig::fast()
+    };
+    let c = Cluster::new(3, config).await;
+    c.put("a", "1").await;
+    let (l, _) = c.leader().await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let db = c.db(l).clone();
+    let root = Path::root();
+
+    // One follower short: the leader and the other follower still form a quorum.
+    c.nodes[followers[0]].probe.set(1 << 20);
+    for i in 0..5 {
+        c.put(&format!("one-short-{i}"), "v").await;
+    }
+    // Both short: refused once their next reports arrive (a heartbeat or two).
+    c.nodes[followers[1]].probe.set(2 << 20);
+    let (free, needed) = wait_for(DEADLINE, "a write refused on the followers' account", || async {
+        let mut tx = db.begin(None).unwrap();
+        tx.update(&root, "w", "v");
+        match tx.commit().await {
+            Err(Error::NoSpace { free, needed }) => Some((free, needed)),
+            Ok(_) => None,
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await;
+    assert_eq!(
+        free,
+        2 << 20,
+        "the refusal names the tighter replica of the best quorum"
+    );
+    assert!(needed >= 4 << 20);
+    let before = db.status().last_log_index;
+    let mut tx = db.begin(None).unwrap();
+    tx.update(&root, "w", "v");
+    assert!(matches!(tx.commit().await, Err(Error::NoSpace { .. })));
+    assert_eq!(
+        db.status().last_log_index,
+        before,
+        "a refused transaction appends nothing"
+    );
+    // Critical transactions still pass: the followers are above the critical floor.
+    let mut tx = db.begin(None).unwrap();
+    tx.delete(&root, "a");
+    tx.commit().await.unwrap();
+
+    // One follower has room again: writes resume by themselves.
+    c.nodes[followers[1]].probe.set(1 << 30);
+    wait_for(DEADLINE, "writes to resume", || async {
+        let mut tx = db.begin(None).unwrap();
+        tx.update(&root, "w", "again");
+        tx.commit().await.ok()
+    })
+    .await;
+    assert_eq!(c.get("w").await.as_deref(), Some("again"));
+    assert_eq!(c.get("a").await, None);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enospc_on_the_leader_stops_it_without_losing_acknowledged_writes() {
     let mut c = Cluster::new(3, DbConfig::fast()).await;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdb::{Db, DbConfig, DbId, Member, ReplicaId, StartOptions};
+use rdb::{Db, DbConfig, DbId, Member, ReplicaId, SharedFsProbe, StartOptions};
 use rsvc_client::wire::{self as cwire, pb as cpb};
 use rsvc_client::WireError;
 use tokio::sync::watch;
@@ -139,6 +139,9 @@ struct Inner {
     cluster: String,
     data_dir: PathBuf,
     db_config: DbConfig,
+    /// One free-space probe for every replica here: each one's margin also covers the upkeep
+    /// of the others on the same data directory (see `rdb::admission`).
+    probe: Arc<SharedFsProbe>,
     transport: Arc<GrpcTransport>,
     factories: HashMap<String, Arc<dyn ServiceFactory>>,
     hosts: RwLock<Registry>,
@@ -226,6 +229,7 @@ impl Engine {
             cluster: cfg.cluster.clone(),
             data_dir: cfg.data_dir.clone(),
             db_config: cfg.db.clone(),
+            probe: Arc::new(SharedFsProbe::new(cfg.data_dir.clone(), cfg.db.free_space_cache)),
             transport,
             factories: factories
                 .into_iter()
@@ -395,6 +399,7 @@ impl Engine {
     fn options(&self) -> StartOptions {
         let mut o = StartOptions::new(self.inner.transport.clone(), self.inner.addr.clone());
         o.config = self.inner.db_config.clone();
+        o.probe = self.inner.probe.clone();
         o
     }
 

@@ -1,5 +1,5 @@
 //! Prometheus text metrics: per hosted replica, its role, term, indexes, request counts and
-//! latency, and admission rejections. Served at `GET /metrics` on a separate listener.
+//! latency, admission rejections and free space. Served at `GET /metrics` on a separate listener.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -102,6 +102,27 @@ pub fn render(engine: &Engine) -> String {
         "transactions refused for lack of space",
         "counter",
         rows(&|h| h.db.status().admission_rejections.to_string()),
+        &v,
+    );
+    family(
+        "rsvc_replica_free_bytes",
+        "free bytes this replica sees: the filesystem's, less the upkeep of the engine's other replicas",
+        "gauge",
+        rows(&|h| opt(h.db.status().space.map(|s| s.free))),
+        &v,
+    );
+    family(
+        "rsvc_replica_upkeep_bytes",
+        "what this replica's next snapshot and redb file growth may take",
+        "gauge",
+        rows(&|h| opt(h.db.status().space.map(|s| s.upkeep))),
+        &v,
+    );
+    family(
+        "rsvc_replica_stopped",
+        "1 if a storage error stopped this replica (the engine reopens it once a second)",
+        "gauge",
+        rows(&|h| u8::from(h.db.status().stopped.is_some()).to_string()),
         &v,
     );
     out

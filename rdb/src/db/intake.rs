@@ -54,10 +54,16 @@ impl Db {
             r.map_err(|e| e.to_string())
         }
         let encoded = match rpc.kind {
-            RpcKind::Append => codec::encode(&reply(
-                raft.append_entries(codec::decode(&rpc.payload).map_err(bad)?)
-                    .await,
-            )),
+            RpcKind::Append => {
+                let res = reply(
+                    raft.append_entries(codec::decode(&rpc.payload).map_err(bad)?)
+                        .await,
+                );
+                codec::encode(&AppendReply {
+                    reply: res,
+                    space: self.space_report(),
+                })
+            }
             RpcKind::Vote => {
                 codec::encode(&reply(raft.vote(codec::decode(&rpc.payload).map_err(bad)?).await))
             }
@@ -76,6 +82,16 @@ impl Db {
             }
         };
         encoded.map_err(|e| Refusal::Malformed(e.to_string()))
+    }
+
+    /// This replica's free space for its leader; asks for a compaction here when it runs short.
+    fn space_report(&self) -> Option<crate::admission::SpaceReport> {
+        let (report, compact) = self.inner.admission.report()?;
+        if compact {
+            let db = self.clone();
+            tokio::spawn(async move { db.compact(COMPACT_TIMEOUT).await });
+        }
+        Some(report)
     }
 
     /// Takes one chunk of a snapshot transfer; installs the snapshot after the last one.

@@ -30,13 +30,15 @@ use openraft::{ChangeMembers, EntryPayload, Membership, ReadPolicy, ServerState}
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::admission::{Admission, SpaceProbe, StatvfsProbe, Verdict};
+use crate::admission::{Admission, Quorum, SpaceProbe, StatvfsProbe, Verdict};
 use crate::codec;
 use crate::config::DbConfig;
 use crate::error::{Error, Result};
 use crate::kv::Op;
 use crate::leadership::{leader_term, Action, Input, LeaderEvent, Leadership, Observed, Policy};
-use crate::network::{NetFactory, RaftRpc, Refusal, Reply, RpcHandler, RpcKind, SnapshotChunk, Transport};
+use crate::network::{
+    AppendReply, NetFactory, RaftRpc, Refusal, Reply, RpcHandler, RpcKind, SnapshotChunk, Transport,
+};
 use crate::storage::{self, DiskFaults, Identity};
 use crate::types::{
     Command, DbId, Entry, LogId, Member, NodeId, Raft, ReplicaId, TxRecord, TypeConfig, Vote,
@@ -117,6 +119,9 @@ pub struct Status {
     pub stopped: Option<String>,
     /// Transactions refused by free-space admission so far.
     pub admission_rejections: u64,
+    /// This replica's free-space reading (at most `free_space_cache` old), as it reports it to
+    /// its leader; `None` if the probe failed.
+    pub space: Option<crate::admission::SpaceReport>,
     /// Transactions committed (applied, successfully or not) through this replica as leader.
     pub commits: u64,
 }
@@ -216,6 +221,7 @@ impl Db {
             .raft_config(&ident.db.to_string())
             .validate()
             .map_err(|e| Error::Invalid(e.to_string()))?;
+        let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
         let net = NetFactory {
             transport: opts.transport.clone(),
             db: ident.db,
@@ -223,6 +229,7 @@ impl Db {
             chunk_bytes: usize::try_from(opts.config.snapshot_chunk_bytes).unwrap_or(usize::MAX),
             chunk_timeout: opts.config.snapshot_chunk_timeout,
             append_timeout: opts.config.append_timeout,
+            reports: admission.reports.clone(),
         };
         let sm = files.sm.clone();
         let weak_files = vec![files.log.weak(), files.sm.weak()];
@@ -242,7 +249,6 @@ impl Db {
         let (shutdown, _) = watch::channel(false);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let lease = Arc::new(Mutex::new(None));
-        let admission = Admission::new(opts.probe.clone(), dir.to_path_buf(), &opts.config);
         let inner = Arc::new(Inner {
             ident,
             dir: dir.to_path_buf(),
@@ -409,6 +415,7 @@ impl Db {
             learners,
             stopped: m.running_state.as_ref().err().map(|e| e.to_string()),
             admission_rejections: self.inner.admission.rejected.load(Ordering::Relaxed),
+            space: self.inner.admission.reading_for_status(),
             commits: self.inner.commits.load(Ordering::Relaxed),
         }
     }
@@ -469,7 +476,16 @@ impl Db {
         if self.up_term() != Some(term) {
             return Err(self.not_leader());
         }
-        if let Verdict::Refuse { free, needed } = self.inner.admission.check(&ops)? {
+        let voters: Vec<NodeId> = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        let quorum = Quorum {
+            me: self.inner.ident.replica.node_id(),
+            voters: &voters,
+        };
+        if let Verdict::Refuse { free, needed } = self.inner.admission.check(&ops, quorum)? {
             // Refused at once, with nothing appended. A compaction may give space back for
             // later transactions; it runs in the background, never on this call's time.
             if self.inner.admission.compaction_slot() {
