@@ -37,6 +37,13 @@ pub enum PoolRequest {
     ListHandles,
     /// A container operation under a pool handle.
     Cont { handle: Handle, req: ContRequest },
+    /// Sets a user attribute to `value` only if it now holds `expect` (`None`: absent), in one
+    /// transaction; answers [`PoolResponse::Swapped`].
+    AttrCas {
+        name: String,
+        expect: Option<Vec<u8>>,
+        value: Vec<u8>,
+    },
 }
 
 /// A pool handle as `ListHandles` shows it.
@@ -90,6 +97,8 @@ pub enum PoolResponse {
     Handles(Vec<HandleInfo>),
     /// A container answer.
     Cont(ContResponse),
+    /// Whether an [`PoolRequest::AttrCas`] swapped; if not, what the attribute held.
+    Swapped { swapped: bool, current: Option<Vec<u8>> },
 }
 
 /// Pool errors.

@@ -144,6 +144,25 @@ impl PoolClient {
             .map(|_| ())
     }
 
+    /// Sets a user attribute to `value` if it holds `expect` now (`None`: absent). Returns
+    /// whether it swapped, and if not, what the attribute held.
+    pub async fn attr_cas(
+        &self,
+        name: &str,
+        expect: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<(bool, Option<Vec<u8>>), Error> {
+        let req = PoolRequest::AttrCas {
+            name: name.into(),
+            expect: expect.map(<[u8]>::to_vec),
+            value: value.to_vec(),
+        };
+        match self.rpc.call(&req).await? {
+            PoolResponse::Swapped { swapped, current } => Ok((swapped, current)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Reads a user attribute.
     pub async fn attr_get(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
         match self.rpc.call(&PoolRequest::AttrGet { name: name.into() }).await? {

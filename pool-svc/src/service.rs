@@ -313,6 +313,26 @@ impl ReplicatedService for PoolService {
                 tx.update(&attrs(), name.into_bytes(), value);
                 Ok(PoolResponse::Ok)
             }
+            PoolRequest::AttrCas { name, expect, value } => {
+                if name.is_empty() {
+                    return Err(PoolError::Invalid("empty attribute name".into()));
+                }
+                let current = tx.lookup(&attrs(), name.as_bytes()).await.map_err(storage)?;
+                if current != expect {
+                    return Ok(PoolResponse::Swapped {
+                        swapped: false,
+                        current,
+                    });
+                }
+                // The precondition makes the swap atomic with the read above: a concurrent
+                // change fails the transaction, and the retry reads again.
+                tx.expect(&attrs(), name.clone().into_bytes(), current);
+                tx.update(&attrs(), name.into_bytes(), value);
+                Ok(PoolResponse::Swapped {
+                    swapped: true,
+                    current: None,
+                })
+            }
             PoolRequest::AttrGet { name } => Ok(PoolResponse::Attr(
                 tx.lookup(&attrs(), name.as_bytes()).await.map_err(storage)?,
             )),

@@ -235,6 +235,18 @@ async fn containers_props_attrs_snapshots_oids_and_two_phase_destroy() {
         pool.attr_list().await.unwrap(),
         vec!["a".to_string(), "b".to_string()]
     );
+    // Compare-and-set: swaps only from the expected value, and says what was there if not.
+    assert_eq!(pool.attr_cas("a", Some(b"x"), b"x2").await.unwrap(), (true, None));
+    assert_eq!(
+        pool.attr_cas("a", Some(b"x"), b"x3").await.unwrap(),
+        (false, Some(b"x2".to_vec()))
+    );
+    assert_eq!(pool.attr_cas("new", None, b"n").await.unwrap(), (true, None));
+    assert_eq!(
+        pool.attr_cas("new", None, b"m").await.unwrap(),
+        (false, Some(b"n".to_vec()))
+    );
+    assert_eq!(pool.attr_get("a").await.unwrap(), Some(b"x2".to_vec()));
 
     conts
         .create("c1", vec![("layout".into(), "ec".into())])

@@ -89,6 +89,7 @@ impl Locator for StaticLocator {
 pub struct Connections {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
+    local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for Connections {
@@ -103,7 +104,16 @@ impl Connections {
         Connections {
             channels: Arc::default(),
             connect_timeout,
+            local_address: None,
         }
+    }
+
+    /// The same pool, with connections leaving from `ip` (`None`: wherever the OS routes
+    /// them). An engine dials its peers from the address it listens on, so that a peer, or a
+    /// firewall between them, sees which engine is calling.
+    pub fn with_local_address(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.local_address = ip;
+        self
     }
 
     /// A client for the engine at `addr` (host:port), reusing its connection.
@@ -115,6 +125,7 @@ impl Connections {
                 let ep = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| format!("bad address {addr}: {e}"))?
                     .connect_timeout(self.connect_timeout)
+                    .local_address(self.local_address)
                     .tcp_nodelay(true);
                 let c = ep.connect_lazy();
                 m.insert(addr.to_string(), c.clone());

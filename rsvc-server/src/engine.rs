@@ -206,7 +206,8 @@ impl Engine {
         std::fs::create_dir_all(&cfg.data_dir)?;
         let lock = lock_data_dir(&cfg.data_dir)?;
         let (shutdown, _) = watch::channel(false);
-        let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone()));
+        let source = Some(bound.ip()).filter(|ip| !ip.is_unspecified());
+        let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone(), source));
         let access_points: Vec<(u32, String)> = cfg
             .access_points
             .iter()
@@ -313,7 +314,7 @@ impl Engine {
             deadline: std::time::Duration::from_secs(5),
             ..Default::default()
         };
-        let client = mgmt_client(access_points, rsvc_client::Connections::default(), cfg);
+        let client = mgmt_client(access_points, self.inner.transport.clients(), cfg);
         let req = MgmtRequest::Join {
             rank: self.inner.rank,
             addr: self.inner.addr.clone(),

@@ -586,11 +586,7 @@ impl ReplicatedService for Mgmt {
                 deadline: Duration::from_secs(5),
                 ..Default::default()
             };
-            let client = rsvc_client::mgmt::mgmt_client(
-                vec![mgmt.me.clone()],
-                rsvc_client::Connections::default(),
-                cfg,
-            );
+            let client = rsvc_client::mgmt::mgmt_client(vec![mgmt.me.clone()], mgmt.peers.clients(), cfg);
             loop {
                 if let Err(e) = mgmt.monitor_round(&client).await {
                     tracing::debug!(term, cause = %e, "monitor round failed");

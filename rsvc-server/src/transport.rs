@@ -18,15 +18,26 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
 pub struct GrpcTransport {
     cluster: String,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Where connections to peers leave from (see [`GrpcTransport::new`]).
+    local: Option<std::net::IpAddr>,
 }
 
 impl GrpcTransport {
-    /// A transport for engines of `cluster`.
-    pub fn new(cluster: impl Into<String>) -> Self {
+    /// A transport for engines of `cluster`, dialling from `local` (the engine's listen
+    /// address, unless that is unspecified): a peer, a firewall or a fault proxy then sees
+    /// which engine calls, not just a host.
+    pub fn new(cluster: impl Into<String>, local: Option<std::net::IpAddr>) -> Self {
         GrpcTransport {
             cluster: cluster.into(),
             channels: Mutex::new(HashMap::new()),
+            local,
         }
+    }
+
+    /// A client connection pool that dials from the same address as the raft traffic, for
+    /// the engine's own calls to the management service.
+    pub(crate) fn clients(&self) -> rsvc_client::Connections {
+        rsvc_client::Connections::default().with_local_address(self.local)
     }
 
     /// The (reused) connection to the engine at `addr`.
@@ -38,6 +49,7 @@ impl GrpcTransport {
                 let c = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| format!("bad peer address {addr}: {e}"))?
                     .connect_timeout(Duration::from_secs(1))
+                    .local_address(self.local)
                     .tcp_nodelay(true)
                     .connect_lazy();
                 m.insert(addr.to_string(), c.clone());

@@ -19,6 +19,9 @@
 //!   which is what a stalled VM looks like, not what a slow disk looks like.
 
 pub mod etcd;
+pub mod faultnet;
+pub mod lincheck;
+pub mod nemesis;
 pub mod proc;
 pub mod rsvc;
 
@@ -52,8 +55,13 @@ where
 
 /// A free TCP port on 127.0.0.1, as the OS hands it out (see the caveat above).
 pub fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    free_port_on(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+/// A free TCP port on `ip`, as the OS hands it out (see the caveat above).
+pub fn free_port_on(ip: std::net::IpAddr) -> Result<u16, String> {
+    std::net::TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+        .map_err(|e| format!("no free port on {ip}: {e}"))
 }

@@ -4,6 +4,7 @@
 //! TOML file of its own, so that a restarted engine comes back exactly as it was.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +16,9 @@ use rsvc_client::{ClientConfig, Connections, RsvcClient};
 use rustix::process::Signal;
 use tokio::process::Command;
 
+use crate::faultnet::{engine_ip, FaultNet};
 use crate::proc::Proc;
-use crate::{free_port, wait_for, DEADLINE};
+use crate::{free_port, free_port_on, wait_for, DEADLINE};
 
 /// How to run an engine: a program and the arguments before `serve`'s own flags.
 #[derive(Clone, Debug)]
@@ -92,6 +94,9 @@ pub struct Spec {
     pub timers: Timers,
     /// More `[raft]` settings (TOML lines) for every engine.
     pub raft_extra: String,
+    /// Put a [`FaultNet`] proxy in front of every engine (engine `r` on `127.0.1.r`), so that
+    /// the harness can cut and delay the links between them.
+    pub proxied: bool,
 }
 
 impl Spec {
@@ -103,6 +108,7 @@ impl Spec {
             cluster: "bench".into(),
             timers,
             raft_extra: String::new(),
+            proxied: false,
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct RsvcSystem {
     pub engines: BTreeMap<u32, Engine>,
     /// The raft timers every engine runs with.
     pub timers: Timers,
+    /// The proxies between the engines, if the spec asked for them.
+    pub net: Option<FaultNet>,
     conns: Connections,
 }
 
@@ -157,8 +165,22 @@ impl RsvcSystem {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut addrs = Vec::new();
         let mut metrics = BTreeMap::new();
+        // With proxies: where each engine really listens (the advertised address is its proxy).
+        let mut listens = BTreeMap::new();
+        let mut net = spec.proxied.then(FaultNet::new);
         for rank in 1..=spec.engines {
-            addrs.push((rank, format!("127.0.0.1:{}", free_port()?)));
+            if let Some(net) = net.as_mut() {
+                let ip = engine_ip(rank);
+                let listen = SocketAddr::new(ip, free_port_on(ip)?);
+                let proxy = SocketAddr::new(ip, free_port_on(ip)?);
+                net.add(rank, proxy, listen)
+                    .await
+                    .map_err(|e| format!("proxy of rank {rank} on {proxy}: {e}"))?;
+                listens.insert(rank, listen.to_string());
+                addrs.push((rank, proxy.to_string()));
+            } else {
+                addrs.push((rank, format!("127.0.0.1:{}", free_port()?)));
+            }
             metrics.insert(rank, format!("127.0.0.1:{}", free_port()?));
         }
         let aps: Vec<String> = addrs
@@ -170,8 +192,12 @@ impl RsvcSystem {
         let mut engines = BTreeMap::new();
         for (rank, addr) in &addrs {
             let config = dir.join(format!("engine{rank}.toml"));
+            let listen = match listens.get(rank) {
+                Some(l) => format!("{l}\"\nadvertise = \"{addr}"),
+                None => addr.clone(),
+            };
             let toml = format!(
-                "rank = {rank}\nlisten = \"{addr}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\n\
+                "rank = {rank}\nlisten = \"{listen}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\n\
                  cluster = \"{}\"\naccess_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
                  election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{}\n",
                 metrics[rank],
@@ -203,6 +229,7 @@ impl RsvcSystem {
             cluster: spec.cluster,
             engines,
             timers: t,
+            net,
             conns: Connections::default(),
         };
         // All at once, as a supervisor would start them: the first access point bootstraps the

@@ -1,0 +1,931 @@
+//! The fault suite: real engine processes, a checked concurrent workload, and nemeses.
+//!
+//! One run starts a system of engines behind [`FaultNet`] proxies, creates a pool, and lets
+//! `clients` tasks run reads, writes and compare-and-sets on `keys` registers (pool attributes),
+//! each call with its own deadline, recording every invocation and every return. Meanwhile a
+//! nemesis, driven by the run's seed, injects one fault at a time (leader-biased or random
+//! target), holds it, heals it, and waits for the service to serve a write again (the bound is
+//! [`RunConfig::liveness`]). At the end everything heals, every replica in turn leads and reads
+//! every register back (those reads join the history), and the history is checked:
+//!
+//! - linearizability of every register ([`crate::lincheck`]), failed mutations counting as
+//!   indeterminate;
+//! - no acknowledged write lost: each register's final value is its last acknowledged write or
+//!   a mutation that may have landed after it;
+//! - liveness: how long clients saw no acknowledged write around each fault, by fault type;
+//! - pauses of a follower must not depose a healthy leader (pre-vote): the pool's term stays.
+//!
+//! A failing run keeps its directory (engine logs and `history.txt`) and prints its seed; the
+//! same seed replays the same schedule of faults (the interleaving of real processes differs).
+//!
+//! CAVEATS: faults are sequential, not overlapping; the disk nemesis needs root (a tmpfs per
+//! engine) and is skipped without it; fsync stalls and EIO, clock skew and wiped data
+//! directories are not injected yet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pool_svc::{PoolRequest, PoolResponse};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rsvc_client::mgmt::{MgmtRequest, MgmtResponse};
+use rsvc_client::ClientConfig;
+
+use crate::lincheck::{self, Event, Op, Outcome};
+use crate::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
+use crate::{wait_for, DEADLINE};
+
+/// The kinds of fault the nemesis injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FaultKind {
+    /// kill -9 of an engine, restarted at heal.
+    Kill,
+    /// SIGSTOP shorter than an election timeout.
+    PauseShort,
+    /// SIGSTOP of several election timeouts.
+    PauseLong,
+    /// One engine cut off from the others, both ways (clients still reach it).
+    Isolate,
+    /// What one engine sends to another is lost; the other way works.
+    OneWay,
+    /// Two engines cannot reach each other; a third reaches both.
+    Bridge,
+    /// An engine's links go down and up every few hundred ms.
+    Flap,
+    /// Every link of an engine is slow.
+    Delay,
+    /// The pool's leadership moves to another replica.
+    Transfer,
+    /// A replica is removed and another added on a spare engine (needs more engines than
+    /// replicas).
+    Move,
+    /// An engine's filesystem fills up from outside (needs root).
+    DiskFull,
+}
+
+impl FaultKind {
+    /// Every kind, in table order.
+    pub const ALL: [FaultKind; 11] = [
+        FaultKind::Kill,
+        FaultKind::PauseShort,
+        FaultKind::PauseLong,
+        FaultKind::Isolate,
+        FaultKind::OneWay,
+        FaultKind::Bridge,
+        FaultKind::Flap,
+        FaultKind::Delay,
+        FaultKind::Transfer,
+        FaultKind::Move,
+        FaultKind::DiskFull,
+    ];
+
+    /// Its name on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::PauseShort => "pause-short",
+            FaultKind::PauseLong => "pause-long",
+            FaultKind::Isolate => "isolate",
+            FaultKind::OneWay => "one-way",
+            FaultKind::Bridge => "bridge",
+            FaultKind::Flap => "flap",
+            FaultKind::Delay => "delay",
+            FaultKind::Transfer => "transfer",
+            FaultKind::Move => "move",
+            FaultKind::DiskFull => "disk-full",
+        }
+    }
+
+    /// The kind named `s`.
+    pub fn parse(s: &str) -> Result<FaultKind, String> {
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown fault {s:?}; known: {}", names.join(", "))
+        })
+    }
+}
+
+/// One run's shape.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The seed of the fault schedule and the workload's choices.
+    pub seed: u64,
+    /// Engines (3 or 5); the pool has 3 replicas.
+    pub engines: u32,
+    /// Concurrent clients.
+    pub clients: u32,
+    /// Registers.
+    pub keys: u32,
+    /// How long the workload and the nemesis run.
+    pub duration: Duration,
+    /// The faults to choose from.
+    pub faults: Vec<FaultKind>,
+    /// Each client call's deadline.
+    pub op_timeout: Duration,
+    /// After a fault heals, a write must be acknowledged within this.
+    pub liveness: Duration,
+    /// Raft timers of the engines.
+    pub timers: Timers,
+    /// The engine program.
+    pub cmd: EngineCmd,
+    /// Where the run's data and logs go (a directory of its own is made inside).
+    pub dir: PathBuf,
+}
+
+impl RunConfig {
+    /// A run of `engines` engines with every fault that can run here, for `duration`: 8
+    /// clients on 16 registers, 1 s per call, `--fast-timers`, a write within 15 s of a heal.
+    pub fn new(seed: u64, engines: u32, duration: Duration, cmd: EngineCmd, dir: &Path) -> Self {
+        RunConfig {
+            seed,
+            engines,
+            clients: 8,
+            keys: 16,
+            duration,
+            faults: FaultKind::ALL.to_vec(),
+            op_timeout: Duration::from_secs(1),
+            liveness: Duration::from_secs(15),
+            timers: Timers::fast(),
+            cmd,
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+/// The quick profile CI runs: fixed seeds, every nemesis, about two minutes. Three engines
+/// twice, and five once (the only shape where a replica can move to a spare engine).
+pub fn quick_profile(cmd: EngineCmd, dir: &Path) -> Vec<RunConfig> {
+    vec![
+        RunConfig::new(1, 3, Duration::from_secs(30), cmd.clone(), dir),
+        RunConfig::new(2, 3, Duration::from_secs(30), cmd.clone(), dir),
+        RunConfig::new(3, 5, Duration::from_secs(30), cmd, dir),
+    ]
+}
+
+/// One fault as it happened.
+#[derive(Clone, Debug)]
+pub struct FaultRecord {
+    /// What.
+    pub kind: FaultKind,
+    /// On whom, as text.
+    pub target: String,
+    /// When it began and healed, ns since the run began.
+    pub start: u64,
+    /// When it healed.
+    pub healed: u64,
+    /// How long after healing the first write was acknowledged.
+    pub recovery: Option<Duration>,
+    /// The longest stretch without an acknowledged write around the fault.
+    pub gap: Duration,
+    /// For pauses of a follower: whether the pool's leader was deposed.
+    pub deposed: Option<bool>,
+}
+
+/// What one run found.
+#[derive(Debug)]
+pub struct RunReport {
+    /// The seed.
+    pub seed: u64,
+    /// Operations recorded (the final reads included).
+    pub ops: usize,
+    /// Of which acknowledged.
+    pub acked: usize,
+    /// Of which indeterminate (failed mutations).
+    pub indeterminate: usize,
+    /// The faults, in order.
+    pub faults: Vec<FaultRecord>,
+    /// Registers whose history is not linearizable, with a dump.
+    pub violations: Vec<String>,
+    /// Registers the checker could not decide within its budget.
+    pub undecided: usize,
+    /// Registers whose final value lost an acknowledged write.
+    pub lost: Vec<String>,
+    /// Liveness failures: a fault after which no write was acknowledged in time.
+    pub stuck: Vec<String>,
+    /// Where the run's files are (kept when it failed).
+    pub dir: PathBuf,
+}
+
+impl RunReport {
+    /// Whether the run found nothing wrong.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+            && self.lost.is_empty()
+            && self.stuck.is_empty()
+            && self.faults.iter().all(|f| f.deposed != Some(true))
+    }
+}
+
+/// The shared history of a run.
+#[derive(Default)]
+struct History {
+    events: Mutex<Vec<Event>>,
+}
+
+impl History {
+    fn push(&self, e: Event) {
+        self.events.lock().expect("lock").push(e);
+    }
+
+    /// Return times of acknowledged mutations, sorted.
+    fn acked_writes(&self) -> Vec<u64> {
+        let ev = self.events.lock().expect("lock");
+        let mut t: Vec<u64> = ev
+            .iter()
+            .filter(|e| !matches!(e.op, Op::Read(_)))
+            .filter_map(|e| e.ret)
+            .collect();
+        t.sort_unstable();
+        t
+    }
+}
+
+/// The label of the pool a run works on.
+const POOL: &str = "regs";
+
+fn parse_value(v: Option<Vec<u8>>) -> Result<Option<u64>, String> {
+    v.map(|b| {
+        std::str::from_utf8(&b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("a register holds {b:?}, not a number"))
+    })
+    .transpose()
+}
+
+/// One client: picks operations until `stop`, records each.
+async fn client_loop(
+    id: u32,
+    sys_pool: rsvc_client::RsvcClient<pool_svc::PoolApi>,
+    cfg: RunConfig,
+    t0: Instant,
+    history: Arc<History>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (u64::from(id) << 40));
+    let mut n = 0u64;
+    let now = || t0.elapsed().as_nanos() as u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("r{}", rng.random_range(0..cfg.keys));
+        n += 1;
+        let fresh = (u64::from(id) << 32) | n;
+        let roll: f64 = rng.random();
+        let (req, op) = if roll < 0.5 {
+            (PoolRequest::AttrGet { name: key.clone() }, Op::Read(None))
+        } else if roll < 0.75 {
+            let req = PoolRequest::AttrSet {
+                name: key.clone(),
+                value: fresh.to_string().into_bytes(),
+            };
+            (req, Op::Write(fresh))
+        } else {
+            // Expect a value this client may have seen: its own last write or nothing.
+            let expect = if rng.random_bool(0.2) {
+                None
+            } else {
+                Some((u64::from(id) << 32) | n.saturating_sub(rng.random_range(1..4)))
+            };
+            let req = PoolRequest::AttrCas {
+                name: key.clone(),
+                expect: expect.map(|v| v.to_string().into_bytes()),
+                value: fresh.to_string().into_bytes(),
+            };
+            (
+                req,
+                Op::Cas {
+                    expect,
+                    new: fresh,
+                    swapped: false,
+                },
+            )
+        };
+        let call = now();
+        let res = sys_pool.call_until(&req, Instant::now() + cfg.op_timeout).await;
+        let ret = now();
+        let event = |ret: Option<u64>, op: Op| Event {
+            client: id,
+            key: key.clone(),
+            call,
+            ret,
+            op,
+        };
+        match (res, op) {
+            (Ok(PoolResponse::Attr(v)), Op::Read(_)) => {
+                history.push(event(Some(ret), Op::Read(parse_value(v)?)));
+            }
+            (Ok(PoolResponse::Ok), Op::Write(_)) => history.push(event(Some(ret), op)),
+            // A refused swap answers with what the register held: a read of it.
+            (
+                Ok(PoolResponse::Swapped {
+                    swapped: false,
+                    current,
+                }),
+                Op::Cas { .. },
+            ) => {
+                history.push(event(Some(ret), Op::Read(parse_value(current)?)));
+            }
+            (Ok(PoolResponse::Swapped { swapped: true, .. }), Op::Cas { expect, new, .. }) => {
+                history.push(event(
+                    Some(ret),
+                    Op::Cas {
+                        expect,
+                        new,
+                        swapped: true,
+                    },
+                ));
+            }
+            (Ok(other), _) => return Err(format!("client {id}: unexpected answer {other:?} to {req:?}")),
+            // A failed read observed nothing.
+            (Err(_), Op::Read(_)) => {}
+            // A failed mutation may still land, at any time, or never.
+            (Err(_), op) => history.push(event(None, op)),
+        }
+    }
+    Ok(())
+}
+
+/// A tmpfs per engine, for the disk nemesis (root only).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, mib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem at `dir` with a ballast file, leaving about `leave` bytes.
+fn fill(dir: &Path, leave: u64) -> std::io::Result<PathBuf> {
+    let st = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
+    let free = st.f_bavail * st.f_frsize;
+    let path = dir.join("ballast");
+    let f = std::fs::File::create(&path)?;
+    f.set_len(0)?;
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(f);
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = free.saturating_sub(leave);
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        if w.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        left -= n as u64;
+    }
+    let _ = w.flush();
+    Ok(path)
+}
+
+/// The pool's replicas and leader, from the management service.
+async fn pool_ranks(sys: &RsvcSystem) -> Result<Vec<u32>, String> {
+    let mgmt = sys.mgmt(ClientConfig {
+        deadline: Duration::from_secs(10),
+        ..ClientConfig::default()
+    });
+    match mgmt
+        .call(&MgmtRequest::Locate {
+            class: "pool".into(),
+            label: POOL.into(),
+        })
+        .await
+        .map_err(|e| format!("locate: {e}"))?
+    {
+        MgmtResponse::Instance(i) => Ok(i.replicas.iter().map(|r| r.0).collect()),
+        other => Err(format!("locate answered {other:?}")),
+    }
+}
+
+async fn mgmt_call(sys: &RsvcSystem, req: MgmtRequest) -> Result<MgmtResponse, String> {
+    let mgmt = sys.mgmt(ClientConfig {
+        deadline: Duration::from_secs(60),
+        rpc_timeout: Duration::from_secs(30),
+        ..ClientConfig::default()
+    });
+    mgmt.call(&req).await.map_err(|e| format!("{req:?}: {e}"))
+}
+
+/// The pool's term as the engine of `rank` reports it.
+async fn pool_term(sys: &RsvcSystem, rank: u32) -> Option<u64> {
+    pool_metric(sys, rank, "rsvc_replica_term").await
+}
+
+/// One `rsvc_replica_*` metric of the pool's replica on the engine of `rank`.
+async fn pool_metric(sys: &RsvcSystem, rank: u32, name: &str) -> Option<u64> {
+    let m = sys.replica_metric(rank, name).await.ok()?;
+    m.get(&("pool".to_string(), POOL.to_string())).copied()
+}
+
+/// Runs one seed; returns its report. Errors are harness failures (a system that would not
+/// start), not findings.
+pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
+    let dir = cfg.dir.join(format!("seed-{}", cfg.seed));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let root = rustix::process::geteuid().is_root();
+    let want_disk = cfg.faults.contains(&FaultKind::DiskFull);
+    // The disk nemesis needs a filesystem per engine; engine data dirs live there.
+    let mut mounts = Vec::new();
+    if want_disk && root {
+        for rank in 1..=cfg.engines {
+            let at = dir.join(format!("engine{rank}"));
+            mounts.push(Tmpfs::mount(&at, 256).ok_or("could not mount a tmpfs")?);
+        }
+    }
+    let faults: Vec<FaultKind> = cfg
+        .faults
+        .iter()
+        .copied()
+        .filter(|k| *k != FaultKind::DiskFull || root)
+        .filter(|k| *k != FaultKind::Move || cfg.engines > 3)
+        .collect();
+    if faults.is_empty() {
+        return Err("no fault can run here (disk-full needs root, move needs 5 engines)".into());
+    }
+    let spec = Spec {
+        proxied: true,
+        cluster: "nemesis".into(),
+        ..Spec::new(cfg.engines, cfg.timers)
+    };
+    let mut sys = RsvcSystem::start_spec(&dir, cfg.cmd.clone(), spec).await?;
+    sys.create_pool(POOL, 3).await?;
+    sys.leader("pool", POOL, DEADLINE).await?;
+
+    let t0 = Instant::now();
+    let now = || t0.elapsed().as_nanos() as u64;
+    let history = Arc::new(History::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client_cfg = ClientConfig {
+        deadline: cfg.op_timeout,
+        rpc_timeout: cfg.op_timeout.min(Duration::from_millis(500)),
+        ..ClientConfig::default()
+    };
+    let mut clients = Vec::new();
+    for id in 1..=cfg.clients {
+        clients.push(tokio::spawn(client_loop(
+            id,
+            sys.pool(POOL, client_cfg.clone()),
+            cfg.clone(),
+            t0,
+            history.clone(),
+            stop.clone(),
+        )));
+    }
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut records = Vec::new();
+    let mut stuck = Vec::new();
+    let end = Instant::now() + cfg.duration;
+    let election = Duration::from_millis(cfg.timers.election_max_ms);
+    while Instant::now() < end {
+        // A healthy stretch, then one fault.
+        let calm = Duration::from_millis(rng.random_range(300..800));
+        tokio::time::sleep(calm).await;
+        let kind = *faults.choose(&mut rng).expect("non-empty");
+        let ranks = match pool_ranks(&sys).await {
+            Ok(r) => r,
+            Err(e) => {
+                stuck.push(format!("before a {} fault: {e}", kind.name()));
+                break;
+            }
+        };
+        let leader = sys.leader("pool", POOL, cfg.liveness).await.ok();
+        // Half of the faults aim at the leader, the others at anyone.
+        let target = match leader {
+            Some(l) if rng.random_bool(0.5) => l,
+            _ => *ranks.choose(&mut rng).expect("replicas"),
+        };
+        let hold = Duration::from_millis(rng.random_range(500..2500));
+        let start = now();
+        let mut deposed_check = None;
+        let desc = match kind {
+            FaultKind::Kill => {
+                sys.kill(target).await?;
+                tokio::time::sleep(hold).await;
+                sys.restart(target).await?;
+                format!("rank {target}")
+            }
+            FaultKind::PauseShort | FaultKind::PauseLong => {
+                // A short pause stays under the minimum election timeout.
+                let d = if kind == FaultKind::PauseShort {
+                    Duration::from_millis(cfg.timers.election_min_ms / 2)
+                } else {
+                    election * 3 + hold
+                };
+                let before = match leader {
+                    Some(l) if l != target => pool_term(&sys, l).await.map(|t| (l, t)),
+                    _ => None,
+                };
+                // The index the resumed replica must reach to show it follows the leader.
+                let index = match before {
+                    Some((l, _)) => pool_metric(&sys, l, "rsvc_replica_last_log_index").await,
+                    None => None,
+                };
+                sys.pause(target, true)?;
+                tokio::time::sleep(d).await;
+                sys.pause(target, false)?;
+                deposed_check = before.zip(index).map(|((l, t), i)| (l, t, target, i));
+                format!("rank {target} for {} ms", d.as_millis())
+            }
+            FaultKind::Isolate => {
+                let rest: Vec<u32> = (1..=cfg.engines).filter(|r| *r != target).collect();
+                sys.net
+                    .as_ref()
+                    .expect("proxied")
+                    .partition(&[vec![target], rest]);
+                tokio::time::sleep(hold).await;
+                sys.net.as_ref().expect("proxied").heal();
+                format!("rank {target}")
+            }
+            FaultKind::OneWay => {
+                let pool: Vec<u32> = (1..=cfg.engines).filter(|r| *r != target).collect();
+                let other = *pool.choose(&mut rng).expect("engines");
+                let (from, to) = if rng.random_bool(0.5) {
+                    (target, other)
+                } else {
+                    (other, target)
+                };
+                sys.net.as_ref().expect("proxied").cut(from, to);
+                tokio::time::sleep(hold).await;
+                sys.net.as_ref().expect("proxied").heal();
+                format!("{from} -> {to}")
+            }
+            FaultKind::Bridge => {
+                // target and one other cannot talk; everyone else reaches both.
+                let other = *(1..=cfg.engines)
+                    .filter(|r| *r != target)
+                    .collect::<Vec<_>>()
+                    .choose(&mut rng)
+                    .expect("engines");
+                let net = sys.net.as_ref().expect("proxied");
+                net.cut(target, other);
+                net.cut(other, target);
+                tokio::time::sleep(hold).await;
+                net.heal();
+                format!("{target} x {other}")
+            }
+            FaultKind::Flap => {
+                let rest: Vec<u32> = (1..=cfg.engines).filter(|r| *r != target).collect();
+                let net = sys.net.as_ref().expect("proxied");
+                let until = Instant::now() + hold;
+                while Instant::now() < until {
+                    net.partition(&[vec![target], rest.clone()]);
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
+                    net.heal();
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
+                }
+                format!("rank {target}")
+            }
+            FaultKind::Delay => {
+                let by = Duration::from_millis(rng.random_range(20..150));
+                let net = sys.net.as_ref().expect("proxied");
+                for r in (1..=cfg.engines).filter(|r| *r != target) {
+                    net.delay(target, r, by);
+                }
+                tokio::time::sleep(hold).await;
+                net.heal();
+                format!("rank {target} by {} ms", by.as_millis())
+            }
+            FaultKind::Transfer => {
+                let to = ranks
+                    .iter()
+                    .copied()
+                    .filter(|r| Some(*r) != leader)
+                    .collect::<Vec<_>>();
+                let to = *to.choose(&mut rng).expect("replicas");
+                let req = MgmtRequest::TransferLeader {
+                    class: "pool".into(),
+                    label: POOL.into(),
+                    to_rank: Some(to),
+                };
+                match mgmt_call(&sys, req).await {
+                    Ok(_) => format!("to rank {to}"),
+                    Err(e) => format!("to rank {to} (failed: {e})"),
+                }
+            }
+            FaultKind::Move => {
+                let spare: Vec<u32> = (1..=cfg.engines).filter(|r| !ranks.contains(r)).collect();
+                let Some(&to) = spare.choose(&mut rng) else {
+                    return Err(format!("no spare engine for a move; the pool is on {ranks:?}"));
+                };
+                let req = MgmtRequest::RemoveReplica {
+                    class: "pool".into(),
+                    label: POOL.into(),
+                    rank: target,
+                };
+                let removed = mgmt_call(&sys, req).await;
+                let req = MgmtRequest::AddReplica {
+                    class: "pool".into(),
+                    label: POOL.into(),
+                    rank: to,
+                };
+                let added = mgmt_call(&sys, req).await;
+                format!(
+                    "rank {target} -> {to}{}{}",
+                    removed
+                        .err()
+                        .map(|e| format!(" (remove failed: {e})"))
+                        .unwrap_or_default(),
+                    added
+                        .err()
+                        .map(|e| format!(" (add failed: {e})"))
+                        .unwrap_or_default()
+                )
+            }
+            FaultKind::DiskFull => {
+                let at = sys.data_dir(target);
+                let ballast = fill(&at, 1 << 20).map_err(|e| format!("ballast: {e}"))?;
+                tokio::time::sleep(hold).await;
+                let _ = std::fs::remove_file(&ballast);
+                format!("rank {target}")
+            }
+        };
+        let healed = now();
+        // Liveness: a write acknowledged after the heal, within the bound.
+        let acked_after = wait_for(
+            "a write after the heal",
+            cfg.liveness,
+            Duration::from_millis(10),
+            || {
+                let h = history.clone();
+                async move { h.acked_writes().into_iter().find(|t| *t > healed) }
+            },
+        )
+        .await;
+        let recovery = match acked_after {
+            Ok(t) => Some(Duration::from_nanos(t - healed)),
+            Err(_) => {
+                stuck.push(format!(
+                    "no write acknowledged within {:?} after {} {desc} healed",
+                    cfg.liveness,
+                    kind.name()
+                ));
+                None
+            }
+        };
+        // A resumed follower that applied the leader's entries follows it; had it deposed the
+        // leader, the term would have moved by then.
+        let deposed = match deposed_check {
+            Some((l, before, paused, index)) => {
+                let _ = wait_for(
+                    "the resumed replica to follow the leader",
+                    cfg.liveness,
+                    Duration::from_millis(20),
+                    || async {
+                        let applied = pool_metric(&sys, paused, "rsvc_replica_applied_index").await?;
+                        (applied >= index).then_some(())
+                    },
+                )
+                .await;
+                Some(pool_term(&sys, l).await.is_none_or(|t| t != before))
+            }
+            None => None,
+        };
+        tracing::info!(fault = kind.name(), %desc, ?recovery, ?deposed, "fault healed");
+        records.push(FaultRecord {
+            kind,
+            target: desc,
+            start,
+            healed,
+            recovery,
+            gap: Duration::ZERO,
+            deposed,
+        });
+        if recovery.is_none() {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.map_err(|e| e.to_string())??;
+    }
+
+    // Final reads from every replica: each one leads in turn and reads every register.
+    let mut final_values: BTreeMap<String, BTreeSet<Option<u64>>> = BTreeMap::new();
+    let ranks = pool_ranks(&sys).await?;
+    let reader = sys.pool(POOL, ClientConfig::default());
+    for (i, rank) in ranks.iter().enumerate() {
+        let req = MgmtRequest::TransferLeader {
+            class: "pool".into(),
+            label: POOL.into(),
+            to_rank: Some(*rank),
+        };
+        mgmt_call(&sys, req).await?;
+        for k in 0..cfg.keys {
+            let key = format!("r{k}");
+            let call = now();
+            let v = match reader.call(&PoolRequest::AttrGet { name: key.clone() }).await {
+                Ok(PoolResponse::Attr(v)) => parse_value(v)?,
+                other => return Err(format!("final read of {key} on rank {rank}: {other:?}")),
+            };
+            history.push(Event {
+                client: 10_000 + i as u32,
+                key: key.clone(),
+                call,
+                ret: Some(now()),
+                op: Op::Read(v),
+            });
+            final_values.entry(key).or_default().insert(v);
+        }
+    }
+    let events = history.events.lock().expect("lock").clone();
+    let acked_times = history.acked_writes();
+    for r in &mut records {
+        r.gap = longest_gap(&acked_times, r.start, r.healed);
+    }
+    let found = lincheck::check(&events, 5_000_000);
+    let mut violations = Vec::new();
+    let mut undecided = 0;
+    for (k, o) in found {
+        match o {
+            Outcome::Violation(d) => violations.push(format!("{k}: {d}")),
+            Outcome::Unknown => undecided += 1,
+            Outcome::Ok => {}
+        }
+    }
+    let lost = lost_writes(&events, &final_values);
+    let report = RunReport {
+        seed: cfg.seed,
+        ops: events.len(),
+        acked: events.iter().filter(|e| e.ret.is_some()).count(),
+        indeterminate: events.iter().filter(|e| e.ret.is_none()).count(),
+        faults: records,
+        violations,
+        undecided,
+        lost,
+        stuck,
+        dir: dir.clone(),
+    };
+    drop(sys);
+    drop(mounts);
+    if report.passed() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let mut dump = String::new();
+        for e in &events {
+            let _ = writeln!(dump, "{e:?}");
+        }
+        let _ = std::fs::write(dir.join("history.txt"), dump);
+    }
+    Ok(report)
+}
+
+/// The longest stretch without an acknowledged write that overlaps `[start, healed]`.
+fn longest_gap(acked: &[u64], start: u64, healed: u64) -> Duration {
+    let before = acked
+        .iter()
+        .rev()
+        .find(|t| **t <= start)
+        .copied()
+        .unwrap_or(start);
+    let mut last = before;
+    let mut gap = 0;
+    for &t in acked.iter().filter(|t| **t > start) {
+        gap = gap.max(t - last);
+        last = t;
+        if t > healed {
+            break;
+        }
+    }
+    Duration::from_nanos(gap)
+}
+
+/// Registers whose final value is neither their last acknowledged mutation nor one that may
+/// have landed after it.
+fn lost_writes(events: &[Event], finals: &BTreeMap<String, BTreeSet<Option<u64>>>) -> Vec<String> {
+    let mut lost = Vec::new();
+    for (key, seen) in finals {
+        let muts: Vec<&Event> = events
+            .iter()
+            .filter(|e| &e.key == key)
+            .filter(|e| match e.op {
+                Op::Write(_) => true,
+                Op::Cas { swapped, .. } => swapped || e.ret.is_none(),
+                Op::Read(_) => false,
+            })
+            .collect();
+        let value = |e: &Event| match e.op {
+            Op::Write(v) | Op::Cas { new: v, .. } => v,
+            Op::Read(_) => unreachable!("filtered"),
+        };
+        let Some(last) = muts.iter().filter(|e| e.ret.is_some()).max_by_key(|e| e.ret) else {
+            continue;
+        };
+        let allowed: BTreeSet<Option<u64>> = muts
+            .iter()
+            .filter(|e| e.ret.is_none_or(|r| r > last.call))
+            .map(|e| Some(value(e)))
+            .collect();
+        if seen.len() != 1 || !seen.iter().all(|v| allowed.contains(v)) {
+            lost.push(format!(
+                "{key}: replicas read {seen:?}; the last acknowledged write was {} (allowed: {allowed:?})",
+                value(last)
+            ));
+        }
+    }
+    lost
+}
+
+/// A table of many runs: faults by type, violations, lost writes, recovery and gaps.
+pub fn table(reports: &[RunReport]) -> String {
+    let mut s = String::new();
+    let runs = reports.len();
+    let ops: usize = reports.iter().map(|r| r.ops).sum();
+    let acked: usize = reports.iter().map(|r| r.acked).sum();
+    let ind: usize = reports.iter().map(|r| r.indeterminate).sum();
+    let viol: usize = reports.iter().map(|r| r.violations.len()).sum();
+    let lost: usize = reports.iter().map(|r| r.lost.len()).sum();
+    let stuck: usize = reports.iter().map(|r| r.stuck.len()).sum();
+    let undecided: usize = reports.iter().map(|r| r.undecided).sum();
+    let _ = writeln!(
+        s,
+        "runs {runs}, operations {ops} ({acked} acknowledged, {ind} indeterminate), \
+         violations {viol}, lost writes {lost}, liveness failures {stuck}, undecided registers {undecided}"
+    );
+    let _ = writeln!(
+        s,
+        "| fault | count | recovery after heal p50 / max (ms) | gap without acked writes min / p50 / max (ms) | healthy leader deposed |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|");
+    let mut by: BTreeMap<FaultKind, Vec<&FaultRecord>> = BTreeMap::new();
+    for r in reports {
+        for f in &r.faults {
+            by.entry(f.kind).or_default().push(f);
+        }
+    }
+    let ms = |d: Duration| d.as_millis();
+    for (k, fs) in by {
+        let mut rec: Vec<Duration> = fs.iter().filter_map(|f| f.recovery).collect();
+        rec.sort();
+        let mut gaps: Vec<Duration> = fs.iter().map(|f| f.gap).collect();
+        gaps.sort();
+        let pick = |v: &[Duration], q: f64| v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied();
+        let dep = fs.iter().filter(|f| f.deposed.is_some()).count();
+        let deposed = fs.iter().filter(|f| f.deposed == Some(true)).count();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} / {} | {} / {} / {} | {} |",
+            k.name(),
+            fs.len(),
+            pick(&rec, 0.5).map_or("-".into(), |d| ms(d).to_string()),
+            pick(&rec, 1.0).map_or("-".into(), |d| ms(d).to_string()),
+            pick(&gaps, 0.0).map_or(0, ms),
+            pick(&gaps, 0.5).map_or(0, ms),
+            pick(&gaps, 1.0).map_or(0, ms),
+            if dep == 0 {
+                "-".to_string()
+            } else {
+                format!("{deposed} of {dep}")
+            },
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_and_lost_writes() {
+        let acked = [10, 20, 100, 110, 300];
+        assert_eq!(longest_gap(&acked, 25, 90), Duration::from_nanos(80));
+        assert_eq!(longest_gap(&acked, 105, 120), Duration::from_nanos(190));
+        let w = |client, call, ret, v| Event {
+            client,
+            key: "k".into(),
+            call,
+            ret,
+            op: Op::Write(v),
+        };
+        let events = vec![w(1, 0, Some(10), 1), w(1, 20, Some(30), 2), w(2, 5, None, 3)];
+        let finals = |v: Option<u64>| BTreeMap::from([("k".to_string(), BTreeSet::from([v]))]);
+        assert!(lost_writes(&events, &finals(Some(2))).is_empty());
+        // The indeterminate write may have landed after the last acknowledged one.
+        assert!(lost_writes(&events, &finals(Some(3))).is_empty());
+        assert_eq!(lost_writes(&events, &finals(Some(1))).len(), 1);
+        assert_eq!(lost_writes(&events, &finals(None)).len(), 1);
+        // Replicas that disagree lose something too.
+        let split = BTreeMap::from([("k".to_string(), BTreeSet::from([Some(2), Some(3)]))]);
+        assert_eq!(lost_writes(&events, &split).len(), 1);
+        assert_eq!(FaultKind::parse("one-way"), Ok(FaultKind::OneWay));
+        assert!(FaultKind::parse("nope").is_err());
+    }
+}
