@@ -1,6 +1,6 @@
 //! The fault suite: real engine processes, a checked concurrent workload, and nemeses.
 //!
-//! One run starts a system of engines behind [`FaultNet`] proxies, creates a pool, and lets
+//! One run starts a system of engines behind [`FaultNet`](crate::faultnet::FaultNet) proxies, creates a pool, and lets
 //! `clients` tasks run reads, writes and compare-and-sets on `keys` registers (pool attributes),
 //! each call with its own deadline, recording every invocation and every return. Meanwhile a
 //! nemesis, driven by the run's seed, injects one fault at a time (leader-biased or random
