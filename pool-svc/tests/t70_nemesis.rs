@@ -46,3 +46,40 @@ async fn the_quick_profile_finds_no_violation_no_lost_write_and_no_stuck_service
         .collect();
     assert!(kinds.len() >= 8, "the quick profile exercised only {kinds:?}");
 }
+
+/// The suite can fail: a leader whose clock runs 8 times slow holds its read lease well past
+/// the moment its followers elect another leader, and a client that still reaches it only (the
+/// far side of the partition) reads stale values. The checker must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_with_a_slow_clock_serves_stale_reads_and_the_checker_finds_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut found = Vec::new();
+    for seed in [21, 22, 23] {
+        let mut cfg = nemesis::RunConfig::new(
+            seed,
+            3,
+            std::time::Duration::from_secs(10),
+            EngineCmd::pool_svc(POOL_SVC),
+            dir.path(),
+        );
+        cfg.faults = vec![nemesis::FaultKind::ClockSlow];
+        let r = nemesis::run(cfg)
+            .await
+            .expect("the engines need the failpoints feature (rsvc-tests enables it)");
+        assert!(
+            r.lost.is_empty() && r.stuck.is_empty(),
+            "{:?} {:?}",
+            r.lost,
+            r.stuck
+        );
+        found.extend(r.violations);
+        if !found.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        found.iter().any(|v| v.contains("read")),
+        "no stale read found with a slow leader clock: {found:#?}"
+    );
+    eprintln!("{}", found[0]);
+}

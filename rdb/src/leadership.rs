@@ -187,6 +187,12 @@ pub(crate) struct Leadership {
 }
 
 impl Leadership {
+    /// Replaces the lease and quorum timers (the fault suite's slow clock; see `driver`).
+    pub(crate) fn set_timers(&mut self, read_lease: Duration, quorum_timeout: Duration) {
+        self.policy.read_lease = read_lease;
+        self.policy.quorum_timeout = quorum_timeout;
+    }
+
     /// A replica that has not started yet: not leading, heartbeats on, and elections off (the
     /// driver switches them off before openraft can campaign; the end of the startup hold
     /// turns them on).

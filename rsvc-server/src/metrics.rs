@@ -142,6 +142,10 @@ pub async fn serve(engine: Engine, addr: SocketAddr) -> std::io::Result<SocketAd
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let engine = engine.clone();
                     async move {
+                        #[cfg(feature = "failpoints")]
+                        if let Some(name) = req.uri().path().strip_prefix("/failpoints/") {
+                            return failpoint(name.to_string(), req).await;
+                        }
                         let resp = if req.uri().path() == "/metrics" {
                             Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4")
@@ -161,4 +165,40 @@ pub async fn serve(engine: Engine, addr: SocketAddr) -> std::io::Result<SocketAd
         }
     });
     Ok(bound)
+}
+
+/// `PUT /failpoints/<name>` with a `fail` action list as the body (`sleep(300)`, `return(EIO)`,
+/// `off`, ...) configures a failpoint in this engine; `DELETE` removes it. Only in builds with
+/// the `failpoints` feature, which the fault suite uses; never in a production build.
+#[cfg(feature = "failpoints")]
+async fn failpoint(
+    name: String,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::http::Error> {
+    use http_body_util::BodyExt;
+    let reply = |status: u16, text: String| {
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(text)))
+    };
+    let method = req.method().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+        Err(e) => return reply(400, format!("bad body: {e}\n")),
+    };
+    match method {
+        hyper::Method::PUT => match fail::cfg(name.clone(), &body) {
+            Ok(()) => {
+                tracing::warn!(failpoint = %name, actions = %body, "failpoint set");
+                reply(200, "ok\n".into())
+            }
+            Err(e) => reply(400, format!("{e}\n")),
+        },
+        hyper::Method::DELETE => {
+            fail::remove(&name);
+            tracing::warn!(failpoint = %name, "failpoint removed");
+            reply(200, "ok\n".into())
+        }
+        _ => reply(405, "PUT or DELETE\n".into()),
+    }
 }

@@ -182,6 +182,7 @@ pub fn check_key(ops: &[&Event], budget: u64) -> Outcome {
     let mut cur = next[head];
     let mut steps = 0u64;
     let mut deepest = 0;
+    let mut stuck = (0usize, 0usize);
     while next[head] != usize::MAX {
         steps += 1;
         if steps > budget {
@@ -210,9 +211,13 @@ pub fn check_key(ops: &[&Event], budget: u64) -> Outcome {
                 None => cur = next[cur],
             }
         } else {
-            // The return of an operation not yet linearized: undo the last choice.
+            // The return of an operation not yet linearized: undo the last choice. The deepest
+            // such dead end is where the history breaks, for the report.
+            if stack.len() >= stuck.0 {
+                stuck = (stack.len(), i);
+            }
             let Some((j, s0)) = stack.pop() else {
-                return Outcome::Violation(dump(ops, deepest));
+                return Outcome::Violation(dump(ops, stuck.1, deepest));
             };
             linearized[j / 64] &= !(1 << (j % 64));
             state = s0;
@@ -224,29 +229,65 @@ pub fn check_key(ops: &[&Event], budget: u64) -> Outcome {
     Outcome::Ok
 }
 
-/// A readable dump of one key's history, in call order, times in ms.
-fn dump(ops: &[&Event], deepest: usize) -> String {
-    let mut sorted: Vec<&&Event> = ops.iter().collect();
-    sorted.sort_by_key(|e| e.call);
+/// A readable dump of where one key's history breaks: the operation that could not be
+/// linearized before it returned, with the operations around it (times in ms).
+fn dump(ops: &[&Event], culprit: usize, deepest: usize) -> String {
+    let c = ops[culprit];
+    let end = c.ret.unwrap_or(u64::MAX);
+    let mut near: Vec<&&Event> = ops
+        .iter()
+        .filter(|e| e.ret.is_none_or(|r| r + 1_000_000_000 >= c.call) && e.call <= end)
+        .collect();
+    near.sort_by_key(|e| e.call);
+    let skipped = near.len().saturating_sub(40);
     let mut s = format!(
-        "not linearizable: {} operations on {:?}; the search linearized at most {deepest}\n",
+        "not linearizable: {} operations on {:?}; the search linearized at most {deepest}; \
+         no order explains `{}` by client {} ({} ms .. {} ms). The operations up to 1 s around it{}:\n",
         ops.len(),
-        ops[0].key
+        c.key,
+        show(&c.op),
+        c.client,
+        c.call / 1_000_000,
+        end / 1_000_000,
+        if skipped > 0 {
+            format!(" (the last 40 of {})", near.len())
+        } else {
+            String::new()
+        },
     );
     let ms = |t: u64| t as f64 / 1e6;
-    for e in sorted {
+    for e in near.into_iter().skip(skipped) {
         let ret = e
             .ret
             .map_or("   (indeterminate)".to_string(), |r| format!("{:>10.3}", ms(r)));
+        let mark = if std::ptr::eq(*e, c) { "   <== here" } else { "" };
         let _ = writeln!(
             s,
-            "  client {:>3} {:>10.3} .. {ret}  {:?}",
+            "  client {:>4} {:>10.3} .. {ret}  {}{mark}",
             e.client,
             ms(e.call),
-            e.op
+            show(&e.op)
         );
     }
     s
+}
+
+/// An operation with values as `client:n` (the workload's values are `client << 32 | n`).
+fn show(op: &Op) -> String {
+    let v = |x: u64| format!("{}:{}", x >> 32, x & 0xffff_ffff);
+    let o = |x: Value| x.map_or("absent".to_string(), v);
+    match *op {
+        Op::Read(x) => format!("read {}", o(x)),
+        Op::Write(x) => format!("write {}", v(x)),
+        Op::Cas { expect, new, swapped } => {
+            format!(
+                "cas {} -> {} ({})",
+                o(expect),
+                v(new),
+                if swapped { "swapped" } else { "not swapped" }
+            )
+        }
+    }
 }
 
 #[cfg(test)]

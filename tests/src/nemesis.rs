@@ -19,8 +19,8 @@
 //! same seed replays the same schedule of faults (the interleaving of real processes differs).
 //!
 //! CAVEATS: faults are sequential, not overlapping; the disk nemesis needs root (a tmpfs per
-//! engine) and is skipped without it; fsync stalls and EIO, clock skew and wiped data
-//! directories are not injected yet.
+//! engine) and is skipped without it, the fsync nemeses an engine built with the `failpoints`
+//! feature (rsvc-fault's own are); clock skew and wiped data directories are not injected yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -65,11 +65,21 @@ pub enum FaultKind {
     Move,
     /// An engine's filesystem fills up from outside (needs root).
     DiskFull,
+    /// Every log commit (fsync) of an engine takes hundreds of ms longer (a failpoint).
+    FsyncStall,
+    /// Every log commit of an engine fails, as an fsync returning EIO (a failpoint); its
+    /// replicas stop, and the engine reopens them once the disk works again.
+    FsyncFail,
+    /// The leader's clock runs 8 times slow (a failpoint on its lease timers) while it is
+    /// isolated: it keeps serving reads alone after the others elected a new leader. Not in
+    /// [`FaultKind::ALL`]: it breaks the lease's assumption of bounded clock drift on purpose,
+    /// and the checker must then find stale reads.
+    ClockSlow,
 }
 
 impl FaultKind {
     /// Every kind, in table order.
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::Kill,
         FaultKind::PauseShort,
         FaultKind::PauseLong,
@@ -81,6 +91,8 @@ impl FaultKind {
         FaultKind::Transfer,
         FaultKind::Move,
         FaultKind::DiskFull,
+        FaultKind::FsyncStall,
+        FaultKind::FsyncFail,
     ];
 
     /// Its name on the command line and in tables.
@@ -97,13 +109,17 @@ impl FaultKind {
             FaultKind::Transfer => "transfer",
             FaultKind::Move => "move",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::FsyncStall => "fsync-stall",
+            FaultKind::FsyncFail => "fsync-eio",
+            FaultKind::ClockSlow => "clock-slow",
         }
     }
 
     /// The kind named `s`.
     pub fn parse(s: &str) -> Result<FaultKind, String> {
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+        let all = || Self::ALL.into_iter().chain([FaultKind::ClockSlow]);
+        all().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = all().map(|k| k.name()).collect();
             format!("unknown fault {s:?}; known: {}", names.join(", "))
         })
     }
@@ -247,6 +263,12 @@ impl History {
 /// The label of the pool a run works on.
 const POOL: &str = "regs";
 
+/// rdb's failpoint on every log commit (its fsync).
+const LOG_COMMIT: &str = "rdb::log::commit";
+
+/// rdb's failpoint that slows a replica's lease clock.
+const SLOW_CLOCK: &str = "rdb::lease::slow_clock";
+
 fn parse_value(v: Option<Vec<u8>>) -> Result<Option<u64>, String> {
     v.map(|b| {
         std::str::from_utf8(&b)
@@ -346,6 +368,51 @@ async fn client_loop(
         }
     }
     Ok(())
+}
+
+/// A client that knows only one replica (the isolated one), for the length of a fault: it
+/// shows that an isolated old leader refuses what it can no longer serve.
+struct Pinned<'a> {
+    id: u32,
+    cfg: &'a RunConfig,
+    client_cfg: &'a ClientConfig,
+    t0: Instant,
+    history: &'a Arc<History>,
+}
+
+/// A running [`Pinned`] client.
+struct PinnedRun {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl Pinned<'_> {
+    fn start(self, sys: &RsvcSystem, rank: u32) -> PinnedRun {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = sys
+            .pool_pinned(POOL, rank, self.client_cfg.clone())
+            .map(|client| {
+                tokio::spawn(client_loop(
+                    self.id,
+                    client,
+                    self.cfg.clone(),
+                    self.t0,
+                    self.history.clone(),
+                    stop.clone(),
+                ))
+            });
+        PinnedRun { stop, task }
+    }
+}
+
+impl PinnedRun {
+    async fn stop(self) -> Result<(), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.task {
+            Some(t) => t.await.map_err(|e| e.to_string())?,
+            None => Ok(()),
+        }
+    }
 }
 
 /// A tmpfs per engine, for the disk nemesis (root only).
@@ -456,15 +523,30 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
         .filter(|k| *k != FaultKind::DiskFull || root)
         .filter(|k| *k != FaultKind::Move || cfg.engines > 3)
         .collect();
-    if faults.is_empty() {
-        return Err("no fault can run here (disk-full needs root, move needs 5 engines)".into());
-    }
     let spec = Spec {
         proxied: true,
         cluster: "nemesis".into(),
         ..Spec::new(cfg.engines, cfg.timers)
     };
     let mut sys = RsvcSystem::start_spec(&dir, cfg.cmd.clone(), spec).await?;
+    // The fsync nemeses need engines built with failpoints.
+    let failpoints = sys.failpoint(1, LOG_COMMIT, None).await.is_ok();
+    let faults: Vec<FaultKind> = faults
+        .into_iter()
+        .filter(|k| {
+            failpoints
+                || !matches!(
+                    k,
+                    FaultKind::FsyncStall | FaultKind::FsyncFail | FaultKind::ClockSlow
+                )
+        })
+        .collect();
+    if faults.is_empty() {
+        return Err(
+            "no fault can run here (disk-full needs root, move needs 5 engines, fsync faults an engine with failpoints)"
+                .into(),
+        );
+    }
     sys.create_pool(POOL, 3).await?;
     sys.leader("pool", POOL, DEADLINE).await?;
 
@@ -513,6 +595,13 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
             _ => *ranks.choose(&mut rng).expect("replicas"),
         };
         let hold = Duration::from_millis(rng.random_range(500..2500));
+        let pinned = Pinned {
+            id: 1000 + records.len() as u32,
+            cfg: &cfg,
+            client_cfg: &client_cfg,
+            t0,
+            history: &history,
+        };
         let start = now();
         let mut deposed_check = None;
         let desc = match kind {
@@ -550,8 +639,10 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                     .as_ref()
                     .expect("proxied")
                     .partition(&[vec![target], rest]);
+                let pinned = pinned.start(&sys, target);
                 tokio::time::sleep(hold).await;
                 sys.net.as_ref().expect("proxied").heal();
+                pinned.stop().await?;
                 format!("rank {target}")
             }
             FaultKind::OneWay => {
@@ -654,6 +745,34 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                 let ballast = fill(&at, 1 << 20).map_err(|e| format!("ballast: {e}"))?;
                 tokio::time::sleep(hold).await;
                 let _ = std::fs::remove_file(&ballast);
+                format!("rank {target}")
+            }
+            FaultKind::FsyncStall => {
+                let ms = rng.random_range(200..600);
+                sys.failpoint(target, LOG_COMMIT, Some(&format!("sleep({ms})")))
+                    .await?;
+                tokio::time::sleep(hold).await;
+                sys.failpoint(target, LOG_COMMIT, None).await?;
+                format!("rank {target} by {ms} ms")
+            }
+            FaultKind::ClockSlow => {
+                // Aimed at the leader: only a leader's lease is at stake.
+                let l = leader.unwrap_or(target);
+                sys.failpoint(l, SLOW_CLOCK, Some("return(8)")).await?;
+                let rest: Vec<u32> = (1..=cfg.engines).filter(|r| *r != l).collect();
+                let net = sys.net.as_ref().expect("proxied");
+                net.partition(&[vec![l], rest]);
+                let pinned = pinned.start(&sys, l);
+                tokio::time::sleep(hold + election * 3).await;
+                net.heal();
+                pinned.stop().await?;
+                sys.failpoint(l, SLOW_CLOCK, None).await?;
+                format!("rank {l}, isolated")
+            }
+            FaultKind::FsyncFail => {
+                sys.failpoint(target, LOG_COMMIT, Some("return(EIO)")).await?;
+                tokio::time::sleep(hold).await;
+                sys.failpoint(target, LOG_COMMIT, None).await?;
                 format!("rank {target}")
             }
         };

@@ -310,6 +310,14 @@ impl RsvcSystem {
         RsvcClient::new(label, loc, self.conns.clone(), cfg)
     }
 
+    /// A client of pool `label` that knows only the replica on `rank`: a client on the far
+    /// side of a partition, with the old leader.
+    pub fn pool_pinned(&self, label: &str, rank: u32, cfg: ClientConfig) -> Option<RsvcClient<PoolApi>> {
+        let addr = self.engines.get(&rank)?.addr.clone();
+        let loc = Arc::new(rsvc_client::StaticLocator(vec![(rank, addr)]));
+        Some(RsvcClient::new(label, loc, self.conns.clone(), cfg))
+    }
+
     /// Creates pool `label` with `replicas` replicas.
     pub async fn create_pool(&self, label: &str, replicas: u32) -> Result<(), String> {
         let req = MgmtRequest::CreateInstance {
@@ -476,6 +484,41 @@ impl RsvcSystem {
             }
         }
         Ok(out)
+    }
+
+    /// Configures failpoint `name` of the engine of `rank` with `fail` actions (`sleep(300)`,
+    /// `return(EIO)`, `off`); `None` removes it. Needs an engine built with the `failpoints`
+    /// feature (rsvc-fault's are): others answer 404, reported as an error.
+    pub async fn failpoint(&self, rank: u32, name: &str, actions: Option<&str>) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let e = self.engines.get(&rank).ok_or_else(|| format!("no rank {rank}"))?;
+        let (method, body) = match actions {
+            Some(a) => ("PUT", a),
+            None => ("DELETE", ""),
+        };
+        let req = format!(
+            "{method} /failpoints/{name} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(&e.metrics).await?;
+            s.write_all(req.as_bytes()).await?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(2), exchange)
+            .await
+            .map_err(|_| format!("failpoint on rank {rank}: timed out"))?
+            .map_err(|err| format!("failpoint on rank {rank}: {err}"))?;
+        if reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(format!(
+                "failpoint {name} on rank {rank}: {}",
+                reply.lines().next().unwrap_or("no reply")
+            ))
+        }
     }
 
     /// The pid of the engine of `rank`.

@@ -69,6 +69,20 @@ async fn prove(raft: Raft, cfg: DbConfig) -> bool {
         .is_ok()
 }
 
+/// How many times too slowly this replica's clock measures durations: 1 but under the fault
+/// suite's `rdb::lease::slow_clock` failpoint (`return(8)`), which shows what the read lease
+/// rests on. A leader whose clock runs slow holds its lease, and serves reads alone, longer
+/// than its followers wait before they elect another: reads can then be stale. Builds without
+/// the `failpoints` feature always answer 1.
+fn clock_slowdown() -> f64 {
+    fail::fail_point!("rdb::lease::slow_clock", |arg| {
+        arg.and_then(|a| a.parse::<f64>().ok())
+            .filter(|f| *f >= 1.0)
+            .unwrap_or(1.0)
+    });
+    1.0
+}
+
 /// Feeds the leadership policy (see `leadership.rs`) and carries out what it decides.
 pub(super) async fn run_leadership(d: Driver) {
     let Driver {
@@ -81,12 +95,13 @@ pub(super) async fn run_leadership(d: Driver) {
         me,
         lease,
     } = d;
-    let mut policy = Leadership::new(Policy {
+    let base = Policy {
         read_lease: cfg.read_lease(),
         quorum_timeout: cfg.quorum_timeout,
         startup_hold: cfg.election_timeout.1,
         lease_reads: cfg.lease_reads,
-    });
+    };
+    let mut policy = Leadership::new(base);
     let mut metrics = raft.metrics();
     let (proof_tx, mut proofs) = mpsc::unbounded_channel::<(u64, bool)>();
     let mut tick = tokio::time::interval(cfg.heartbeat);
@@ -94,6 +109,8 @@ pub(super) async fn run_leadership(d: Driver) {
     let mut input = Input::Started;
     loop {
         let prev = policy.up();
+        let slow = clock_slowdown();
+        policy.set_timers(base.read_lease.mul_f64(slow), base.quorum_timeout.mul_f64(slow));
         let actions = policy.step(Instant::now(), input);
         // Publish first: a service that hears StepUp can begin at once, and one that hears
         // StepDown finds nothing left to serve.

@@ -365,6 +365,13 @@ fn commit_batch(db: &Database, batch: &[Op], committed: Option<Vec<u8>>) -> Resu
             }
         }
     }
+    // The fault suite stalls or fails the log's fsync here (builds with `failpoints` only).
+    fail::fail_point!("rdb::log::commit", |arg| {
+        let why = arg.unwrap_or_else(|| "injected".into());
+        Err(redb::Error::Io(io::Error::other(format!(
+            "failpoint rdb::log::commit: {why}"
+        ))))
+    });
     tx.commit()?;
     Ok(())
 }
