@@ -375,3 +375,75 @@ async fn a_paused_engine_rejoins_without_changing_any_term() {
     assert_eq!(sys.pool_leader("tank") as u32, pool_leader);
     assert!(sys.rsvc.serving(mgmt_leader, MGMT_CLASS, MGMT_INSTANCE).await);
 }
+
+/// A pool client depended on the management leader: killing a pool follower that led the
+/// management service stalled pool clients for a whole election (fault suite finding). A client
+/// that already knows its pool's replicas rides over that kill without asking the management
+/// service again: it counts its lookups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_client_needs_no_management_leader_once_it_knows_its_replicas() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use pool_svc::{PoolApi, PoolRequest};
+    use rsvc_client::mgmt::{MgmtLocator, MGMT_CLASS, MGMT_INSTANCE};
+    use rsvc_client::{ClientConfig, Connections, LocateError, Locator, Replicas, RsvcClient};
+
+    /// Counts the lookups that go through the management service.
+    struct Counting(MgmtLocator, Arc<AtomicU64>);
+
+    #[async_trait::async_trait]
+    impl Locator for Counting {
+        async fn locate(
+            &self,
+            class: &str,
+            instance: &str,
+            deadline: Instant,
+        ) -> Result<Replicas, LocateError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.locate(class, instance, deadline).await
+        }
+    }
+
+    let mut sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    let mgmt_leader = sys
+        .rsvc
+        .leader(MGMT_CLASS, MGMT_INSTANCE, DEADLINE)
+        .await
+        .unwrap();
+    if sys.pool_leader("tank") as u32 == mgmt_leader {
+        let other = (1..=3u32).find(|r| *r != mgmt_leader).unwrap();
+        sys.transfer_leader("tank", other as u64);
+    }
+    let lookups = Arc::new(AtomicU64::new(0));
+    let conns = Connections::default();
+    let loc = Counting(
+        MgmtLocator::new(sys.rsvc.access_points(), conns.clone()),
+        lookups.clone(),
+    );
+    let client: RsvcClient<PoolApi> = RsvcClient::new("tank", Arc::new(loc), conns, ClientConfig::default());
+    let set = |i: u32| PoolRequest::AttrSet {
+        name: format!("k{i}"),
+        value: b"v".to_vec(),
+    };
+    client.call(&set(0)).await.unwrap();
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        1,
+        "the first call looks the pool up"
+    );
+
+    sys.rsvc.kill(mgmt_leader).await.unwrap();
+    for i in 1..=20 {
+        client.call(&set(i)).await.unwrap();
+    }
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        1,
+        "no lookup through the management service, which was electing a leader"
+    );
+}

@@ -1,6 +1,6 @@
 //! The client: leader search, retries with backoff, deadlines, exactly-once sequencing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -138,6 +138,50 @@ impl Connections {
     }
 }
 
+/// A client's exactly-once session: sequence numbers of mutating calls, and which are still
+/// outstanding. Many calls may be in flight at once; the engine keeps one result per
+/// outstanding seq, and the client's low-water mark ([`Session::acked`]) lets it forget the
+/// rest (the client sessions of the Raft dissertation, 6.3).
+#[derive(Debug, Default)]
+struct Session {
+    /// The last seq handed out.
+    last: u64,
+    /// Seqs whose calls have not ended.
+    outstanding: BTreeSet<u64>,
+}
+
+impl Session {
+    /// Every seq at or below this has ended: this client will not send it again.
+    fn acked(&self) -> u64 {
+        self.outstanding.first().map_or(self.last, |s| s - 1)
+    }
+}
+
+/// One outstanding mutating call; ends it when dropped.
+struct Outstanding {
+    session: Arc<Mutex<Session>>,
+    seq: u64,
+}
+
+impl Outstanding {
+    fn begin(session: &Arc<Mutex<Session>>) -> Self {
+        let mut s = session.lock().expect("lock");
+        s.last += 1;
+        let seq = s.last;
+        s.outstanding.insert(seq);
+        Outstanding {
+            session: session.clone(),
+            seq,
+        }
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.session.lock().expect("lock").outstanding.remove(&self.seq);
+    }
+}
+
 /// Counters a client keeps about itself.
 #[derive(Debug, Default)]
 pub struct ClientStats {
@@ -147,7 +191,8 @@ pub struct ClientStats {
     pub calls: AtomicU64,
 }
 
-/// A client of one instance of service `S`.
+/// A client of one instance of service `S`. It is `Send + Sync`: share it between tasks with
+/// an `Arc`, and they may call at once (see the crate docs on exactly-once).
 pub struct RsvcClient<S: ServiceApi> {
     instance: String,
     set: Mutex<ReplicaSet>,
@@ -155,7 +200,7 @@ pub struct RsvcClient<S: ServiceApi> {
     locator: Arc<dyn Locator>,
     conns: Connections,
     client_id: [u8; 16],
-    seq: AtomicU64,
+    session: Arc<Mutex<Session>>,
     cfg: ClientConfig,
     /// Retry and call counts.
     pub stats: ClientStats,
@@ -190,7 +235,7 @@ impl<S: ServiceApi> RsvcClient<S> {
             locator,
             conns,
             client_id: rand::random(),
-            seq: AtomicU64::new(0),
+            session: Arc::default(),
             cfg,
             stats: ClientStats::default(),
             _s: PhantomData,
@@ -345,6 +390,7 @@ impl<S: ServiceApi> RsvcClient<S> {
             };
             attempts += 1;
             let timeout = self.cfg.rpc_timeout.min(deadline - now);
+            req.acked = self.session.lock().expect("lock").acked();
             let a = self.attempt(rank, req.clone(), timeout).await;
             match a.outcome {
                 Ok(b) => {
@@ -438,11 +484,10 @@ impl<S: ServiceApi> RsvcClient<S> {
         req: &S::Request,
         deadline: Instant,
     ) -> Result<S::Response, ClientError<S::Error>> {
-        let seq = if S::is_mutating(req) {
-            self.seq.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            0
-        };
+        // The guard takes the seq off the outstanding set however the call ends, even if its
+        // future is dropped: this client never retries it after that.
+        let outstanding = S::is_mutating(req).then(|| Outstanding::begin(&self.session));
+        let seq = outstanding.as_ref().map_or(0, |o| o.seq);
         let payload = wire::encode(req).map_err(|e| ClientError::Codec(e.to_string()))?;
         let b = self
             .send(
@@ -454,6 +499,7 @@ impl<S: ServiceApi> RsvcClient<S> {
                 deadline,
             )
             .await?;
+        drop(outstanding);
         wire::decode(&b).map_err(|e| ClientError::Codec(e.to_string()))
     }
 }

@@ -19,12 +19,16 @@
 //! [`RsvcClient::call`] retries on retryable errors, backing off exponentially with full
 //! jitter, until an overall deadline. The error names the attempts it made and the last
 //! failure. Mutating requests carry the client's random id and a sequence number, so that the
-//! engine applies a retried request once and returns the first result (exactly-once).
+//! engine applies a retried request once and returns the first result (exactly-once). One
+//! client may be shared by many tasks (`Arc<RsvcClient<_>>`) with many calls in flight: each
+//! request also carries the client's acknowledged low-water mark (every seq below its oldest
+//! outstanding call), which lets the engine forget the results the client no longer needs
+//! (the client sessions of the Raft dissertation, 6.3).
 //!
 //! ## CAVEATS
 //!
-//! - Sequence numbers assume one in-flight mutating call per client at a time for strict
-//!   "first result" semantics across concurrent retries.
+//! - A client silent for longer than the engine keeps its records (300 s) is forgotten: a
+//!   retry after that could apply twice.
 //! - Connections are created lazily and never pruned.
 
 pub mod api;

@@ -705,7 +705,9 @@ impl Engine {
         };
         tracing::debug!(class = %req.class, instance = %req.instance, seq = req.seq, "request");
         let t = std::time::Instant::now();
-        let res = host.handle(&adm, client_id, req.seq, &req.payload).await;
+        let res = host
+            .handle(&adm, client_id, req.seq, req.acked, &req.payload)
+            .await;
         host.stats
             .latency_us_sum
             .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);

@@ -7,10 +7,23 @@
 //! requests to finish, then calls `step_down`. Events come from rdb one at a time, so hooks
 //! never overlap.
 //!
-//! EXACTLY-ONCE (DAOS svc_ops): a mutating request carries (client id, seq). The engine keeps,
-//! per client, the last seq and its encoded result in `/__rsvc/svc_ops`, written in the same
-//! transaction as the request's effects. A retry of that seq returns the stored result; an
-//! older seq is `Stale`. Entries of clients silent for `SVC_OPS_MAX_AGE` are pruned at step-up.
+//! EXACTLY-ONCE (DAOS svc_ops, with the client sessions of the Raft dissertation, 6.3): a
+//! mutating request carries (client id, seq) and the client's acknowledged low-water mark
+//! `acked` (it will never send a seq at or below it again). The engine keeps in
+//! `/__rsvc/svc_ops`, written in the same transaction as the request's effects:
+//!
+//! - `client ++ seq` (big-endian) -> the encoded result, one per outstanding seq, so that many
+//!   calls of one client may be in flight at once;
+//! - `client ++ u64::MAX` -> the client's *floor*: results at or below it are forgotten.
+//!
+//! A retry of a seq whose result is kept gets that result; a seq at or below the floor is
+//! `Stale`. A request's reads come from one snapshot, and results are forgotten only after the
+//! floor above them committed, so a request that finds neither its result nor a floor above it
+//! is the first of its seq, unless another attempt of the same seq is running right now: the
+//! precondition "no result for this seq yet" lets only one of them apply. The floor moves in
+//! steps of [`FLOOR_STEP`] acknowledged seqs (a raise expects the floor it read, so the floor
+//! only rises), and the results below it are deleted right after. Entries of clients silent for
+//! `SVC_OPS_MAX_AGE` are pruned at step-up.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,13 +121,30 @@ impl<S: ReplicatedService> ErasedService for Adapter<S> {
     }
 }
 
-/// The exactly-once record of one client.
+/// The kept result of one mutating request (key `client ++ seq`).
 #[derive(Serialize, Deserialize)]
 struct OpRecord {
-    seq: u64,
     /// Milliseconds since the epoch on the leader that wrote it.
     at_ms: u64,
     result: Result<Vec<u8>, Vec<u8>>,
+}
+
+/// A client's floor (key `client ++ u64::MAX`): its results at or below `acked` are forgotten.
+#[derive(Serialize, Deserialize)]
+struct Floor {
+    /// Milliseconds since the epoch on the leader that wrote it.
+    at_ms: u64,
+    acked: u64,
+}
+
+/// The floor moves when a client's acknowledged mark passed it by this many seqs.
+pub const FLOOR_STEP: u64 = 64;
+
+/// The key of `client`'s result for `seq`, or (with `u64::MAX`) of its floor.
+fn op_key(client: &[u8; 16], seq: u64) -> Vec<u8> {
+    let mut k = client.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn now_ms() -> u64 {
@@ -272,11 +302,16 @@ impl Host {
         let cutoff = now_ms().saturating_sub(SVC_OPS_MAX_AGE.as_millis() as u64);
         let mut n = 0;
         for (k, v) in all {
-            if let rdb::Value::Bytes(b) = v {
-                if postcard::from_bytes::<OpRecord>(&b).is_ok_and(|r| r.at_ms < cutoff) {
-                    tx.delete(&svc_ops(), k);
-                    n += 1;
-                }
+            let rdb::Value::Bytes(b) = v else { continue };
+            let at_ms = match k.len() {
+                24 if k[16..] == [0xff; 8] => postcard::from_bytes::<Floor>(&b).map(|f| f.at_ms).ok(),
+                24 => postcard::from_bytes::<OpRecord>(&b).map(|r| r.at_ms).ok(),
+                // A record of the one-call-at-a-time format before sessions: of no use now.
+                _ => Some(0),
+            };
+            if at_ms.is_none_or(|t| t < cutoff) {
+                tx.delete(&svc_ops(), k);
+                n += 1;
             }
         }
         if n > 0 {
@@ -321,29 +356,44 @@ impl Host {
         })
     }
 
-    /// Runs one request; the caller has admitted it.
+    /// Runs one request; the caller has admitted it. `acked` is the client's low-water mark
+    /// (see the module docs).
     pub async fn handle(
         &self,
         adm: &Admitted<'_>,
         client_id: [u8; 16],
         seq: u64,
+        acked: u64,
         payload: &[u8],
     ) -> Result<Result<Vec<u8>, Vec<u8>>, WireError> {
         let term = adm.term;
         let mutating = seq > 0 && self.svc.is_mutating(payload)?;
         let mut tx = self.db.begin(Some(term)).map_err(|e| wire_of(&e))?;
+        // The floor as read, and its value, for the precondition below.
+        let mut floor = (None, 0);
         if mutating {
-            if let Some(b) = tx.lookup(&svc_ops(), &client_id).await.map_err(|e| wire_of(&e))? {
+            let kept = tx
+                .lookup(&svc_ops(), &op_key(&client_id, seq))
+                .await
+                .map_err(|e| wire_of(&e))?;
+            if let Some(b) = kept {
                 let rec: OpRecord =
                     postcard::from_bytes(&b).map_err(|e| WireError::Invalid(e.to_string()))?;
-                if rec.seq == seq {
-                    tracing::debug!(class = %self.class, seq, "duplicate request: returning the first result");
-                    return Ok(rec.result);
-                }
-                if rec.seq > seq {
-                    return Err(WireError::Stale);
-                }
+                tracing::debug!(class = %self.class, seq, "duplicate request: returning the first result");
+                return Ok(rec.result);
             }
+            let raw = tx
+                .lookup(&svc_ops(), &op_key(&client_id, u64::MAX))
+                .await
+                .map_err(|e| wire_of(&e))?;
+            let value = raw
+                .as_deref()
+                .and_then(|b| postcard::from_bytes::<Floor>(b).ok())
+                .map_or(0, |f| f.acked);
+            if seq <= value {
+                return Err(WireError::Stale);
+            }
+            floor = (raw, value);
         }
         let mut ctx = Ctx {
             term,
@@ -359,19 +409,62 @@ impl Host {
             // A failed request leaves no effect, but its result is still recorded.
             self.db.begin(Some(term)).map_err(|e| wire_of(&e))?
         };
+        // A client's acknowledged mark is below every seq it still has outstanding; one that
+        // says otherwise is not believed.
+        let raise = (mutating && acked < seq && acked >= floor.1 + FLOOR_STEP).then_some(acked);
         if mutating {
+            let (raw, _) = floor;
             let rec = OpRecord {
-                seq,
                 at_ms: now_ms(),
                 result: result.clone(),
             };
             let bytes = postcard::to_allocvec(&rec).map_err(|e| WireError::Invalid(e.to_string()))?;
-            // NB: critical, so that the record alone never turns an operator's delete or
-            // destroy into an ordinary transaction that low space refuses. It is small (a
-            // sequence number and a result), and the rest of the transaction still decides.
-            tx.update_critical(&svc_ops(), client_id.to_vec(), bytes);
+            // NB: all critical (a precondition, small updates), so that the record never turns
+            // an operator's delete or destroy into an ordinary transaction that low space
+            // refuses; the rest of the transaction still decides.
+            // NB: two attempts of one seq can run at once (a retry while the first attempt is
+            // still in flight on the same leader). Only the first to apply finds the record
+            // absent; the other fails its precondition, is retried, and gets the kept result.
+            tx.expect(&svc_ops(), op_key(&client_id, seq), None);
+            tx.update_critical(&svc_ops(), op_key(&client_id, seq), bytes);
+            if let Some(acked) = raise {
+                // The floor only rises: two raises at once would otherwise let the lower one
+                // land last, below results already forgotten.
+                tx.expect(&svc_ops(), op_key(&client_id, u64::MAX), raw);
+                let f = Floor {
+                    at_ms: now_ms(),
+                    acked,
+                };
+                let bytes = postcard::to_allocvec(&f).map_err(|e| WireError::Invalid(e.to_string()))?;
+                tx.update_critical(&svc_ops(), op_key(&client_id, u64::MAX), bytes);
+            }
         }
         tx.commit().await.map_err(|e| wire_of(&e))?;
+        if let Some(acked) = raise {
+            self.forget_below(term, &client_id, acked).await;
+        }
         Ok(result)
+    }
+
+    /// Deletes `client`'s kept results at or below its new floor `acked`, in a transaction of
+    /// its own. Best effort: a concurrent one that deleted some first makes this one fail,
+    /// and the next raise of the floor deletes what is left.
+    async fn forget_below(&self, term: u64, client: &[u8; 16], acked: u64) {
+        let Ok(mut tx) = self.db.begin(Some(term)) else {
+            return;
+        };
+        let range = op_key(client, 0)..=op_key(client, acked);
+        let Ok(kept) = tx.iterate(&svc_ops(), range, usize::MAX).await else {
+            return;
+        };
+        if kept.is_empty() {
+            return;
+        }
+        for (k, _) in kept {
+            tx.delete(&svc_ops(), k);
+        }
+        if let Err(e) = tx.commit().await {
+            tracing::debug!(class = %self.class, cause = %e, "forgetting acknowledged results failed; the next floor retries");
+        }
     }
 }

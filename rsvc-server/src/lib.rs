@@ -19,15 +19,17 @@
 //!
 //! A mutating request runs in one rdb transaction together with its (client id, sequence) →
 //! result record. A retry after a failover therefore finds the first result instead of applying
-//! twice (DAOS svc_ops). See [`host`].
+//! twice (DAOS svc_ops). A client may have many calls in flight at once: the engine keeps a
+//! result per outstanding sequence number until the client acknowledges it. See [`host`].
 //!
 //! ## CAVEATS
 //!
 //! - Graceful stop hands each led instance to its most caught-up voter (rdb's TimeoutNow
 //!   transfer). That is one round trip in a 3-replica group whose leader has led longer than its
 //!   lease. Larger groups wait for the followers' leases (at most `election_timeout_max`).
-//! - Exactly-once keeps one record per client (its latest mutating request), so it assumes one
-//!   mutating call in flight per client.
+//! - Exactly-once keeps one result per outstanding mutating call of a client, and forgets them
+//!   as the client acknowledges them; a client silent for `SVC_OPS_MAX_AGE` is forgotten
+//!   altogether, and a retry after that could apply again (DAOS keeps the same bound).
 //! - Engine liveness is a health check from the management leader every second. An engine is
 //!   `Down` after 3 s without an answer. After `reconf_after` its replicas move to a spare engine,
 //!   one change per instance per round. Without a spare the instance runs with fewer replicas

@@ -192,6 +192,7 @@ async fn exactly_once_across_failover() {
         })
         .unwrap(),
         probe: false,
+        acked: 0,
     };
     let send = |addr: String, req: pb::CallRequest| async move {
         let mut cl = Connections::default().get(&addr).unwrap();
@@ -229,11 +230,14 @@ async fn exactly_once_across_failover() {
     let v = c.call(&CounterRequest::Get { name: "n".into() }).await.unwrap();
     assert_eq!(v, CounterResponse::Value(105), "the add was applied exactly once");
 
-    // Once the client moved on to a newer request, replaying the older one is refused as
-    // stale rather than applied again.
+    // Once the client acknowledged it (a newer request says every seq up to 80 has ended,
+    // past the floor's step), replaying the older one is refused as stale rather than applied
+    // again.
     let (_, addr) = replicas.iter().find(|(r, _)| *r != leader).unwrap();
     let mut newer = req.clone();
-    newer.seq = 2;
+    newer.seq = 100;
+    newer.acked = 80;
+    assert!(newer.acked >= rsvc_server::host::FLOOR_STEP);
     newer.payload = rsvc_client::wire::encode(&CounterRequest::Add {
         name: "n".into(),
         delta: 1,
@@ -325,6 +329,7 @@ async fn not_replica_and_unknown_class_and_garbage() {
             seq: 9,
             payload: vec![0xff, 0xfe, 0xfd],
             probe: false,
+            acked: 0,
         })
         .await
         .unwrap()
@@ -514,6 +519,7 @@ async fn health_metrics_and_oversized_messages() {
             seq: 1,
             payload: vec![0u8; 17 << 20],
             probe: false,
+            acked: 0,
         })
         .await;
     let status = res.expect_err("oversized message accepted");

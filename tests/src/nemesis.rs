@@ -500,109 +500,50 @@ async fn pool_metric(sys: &RsvcSystem, rank: u32, name: &str) -> Option<u64> {
     m.get(&("pool".to_string(), POOL.to_string())).copied()
 }
 
-/// Runs one seed; returns its report. Errors are harness failures (a system that would not
-/// start), not findings.
-pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
-    let dir = cfg.dir.join(format!("seed-{}", cfg.seed));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let root = rustix::process::geteuid().is_root();
-    let want_disk = cfg.faults.contains(&FaultKind::DiskFull);
-    // The disk nemesis needs a filesystem per engine; engine data dirs live there.
-    let mut mounts = Vec::new();
-    if want_disk && root {
-        for rank in 1..=cfg.engines {
-            let at = dir.join(format!("engine{rank}"));
-            mounts.push(Tmpfs::mount(&at, 256).ok_or("could not mount a tmpfs")?);
-        }
-    }
-    let faults: Vec<FaultKind> = cfg
-        .faults
-        .iter()
-        .copied()
-        .filter(|k| *k != FaultKind::DiskFull || root)
-        .filter(|k| *k != FaultKind::Move || cfg.engines > 3)
-        .collect();
-    let spec = Spec {
-        proxied: true,
-        cluster: "nemesis".into(),
-        ..Spec::new(cfg.engines, cfg.timers)
-    };
-    let mut sys = RsvcSystem::start_spec(&dir, cfg.cmd.clone(), spec).await?;
-    // The fsync nemeses need engines built with failpoints.
-    let failpoints = sys.failpoint(1, LOG_COMMIT, None).await.is_ok();
-    let faults: Vec<FaultKind> = faults
-        .into_iter()
-        .filter(|k| {
-            failpoints
-                || !matches!(
-                    k,
-                    FaultKind::FsyncStall | FaultKind::FsyncFail | FaultKind::ClockSlow
-                )
-        })
-        .collect();
-    if faults.is_empty() {
-        return Err(
-            "no fault can run here (disk-full needs root, move needs 5 engines, fsync faults an engine with failpoints)"
-                .into(),
-        );
-    }
-    sys.create_pool(POOL, 3).await?;
-    sys.leader("pool", POOL, DEADLINE).await?;
+/// A fault about to be injected, and where.
+struct Aim {
+    kind: FaultKind,
+    target: u32,
+    leader: Option<u32>,
+    ranks: Vec<u32>,
+    hold: Duration,
+    pinned_id: u32,
+}
 
-    let t0 = Instant::now();
-    let now = || t0.elapsed().as_nanos() as u64;
-    let history = Arc::new(History::default());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client_cfg = ClientConfig {
-        deadline: cfg.op_timeout,
-        rpc_timeout: cfg.op_timeout.min(Duration::from_millis(500)),
-        ..ClientConfig::default()
-    };
-    let mut clients = Vec::new();
-    for id in 1..=cfg.clients {
-        clients.push(tokio::spawn(client_loop(
-            id,
-            sys.pool(POOL, client_cfg.clone()),
-            cfg.clone(),
-            t0,
-            history.clone(),
-            stop.clone(),
-        )));
+/// After a pause of a follower: (leader, its term before, the paused rank, the index the
+/// paused replica must reach to show it follows the leader again).
+type DeposedCheck = (u32, u64, u32, u64);
+
+/// A run in progress: the system, the shared history, and the clock every event is timed by.
+struct Run<'a> {
+    cfg: &'a RunConfig,
+    sys: RsvcSystem,
+    t0: Instant,
+    history: Arc<History>,
+    client_cfg: ClientConfig,
+    election: Duration,
+}
+
+impl Run<'_> {
+    fn now(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
     }
 
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut records = Vec::new();
-    let mut stuck = Vec::new();
-    let end = Instant::now() + cfg.duration;
-    let election = Duration::from_millis(cfg.timers.election_max_ms);
-    while Instant::now() < end {
-        // A healthy stretch, then one fault.
-        let calm = Duration::from_millis(rng.random_range(300..800));
-        tokio::time::sleep(calm).await;
-        let kind = *faults.choose(&mut rng).expect("non-empty");
-        let ranks = match pool_ranks(&sys).await {
-            Ok(r) => r,
-            Err(e) => {
-                stuck.push(format!("before a {} fault: {e}", kind.name()));
-                break;
-            }
-        };
-        let leader = sys.leader("pool", POOL, cfg.liveness).await.ok();
-        // Half of the faults aim at the leader, the others at anyone.
-        let target = match leader {
-            Some(l) if rng.random_bool(0.5) => l,
-            _ => *ranks.choose(&mut rng).expect("replicas"),
-        };
-        let hold = Duration::from_millis(rng.random_range(500..2500));
-        let pinned = Pinned {
-            id: 1000 + records.len() as u32,
-            cfg: &cfg,
-            client_cfg: &client_cfg,
-            t0,
-            history: &history,
-        };
-        let start = now();
+    /// Injects one fault, holds it and heals it; says what it did.
+    async fn inject(
+        &mut self,
+        aim: &Aim,
+        rng: &mut StdRng,
+    ) -> Result<(String, Option<DeposedCheck>), String> {
+        let Aim {
+            kind,
+            target,
+            leader,
+            hold,
+            ..
+        } = *aim;
+        let (cfg, election) = (self.cfg, self.election);
+        let sys = &mut self.sys;
         let mut deposed_check = None;
         let desc = match kind {
             FaultKind::Kill => {
@@ -619,12 +560,12 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                     election * 3 + hold
                 };
                 let before = match leader {
-                    Some(l) if l != target => pool_term(&sys, l).await.map(|t| (l, t)),
+                    Some(l) if l != target => pool_term(sys, l).await.map(|t| (l, t)),
                     _ => None,
                 };
                 // The index the resumed replica must reach to show it follows the leader.
                 let index = match before {
-                    Some((l, _)) => pool_metric(&sys, l, "rsvc_replica_last_log_index").await,
+                    Some((l, _)) => pool_metric(sys, l, "rsvc_replica_last_log_index").await,
                     None => None,
                 };
                 sys.pause(target, true)?;
@@ -633,13 +574,38 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                 deposed_check = before.zip(index).map(|((l, t), i)| (l, t, target, i));
                 format!("rank {target} for {} ms", d.as_millis())
             }
+            FaultKind::Isolate
+            | FaultKind::OneWay
+            | FaultKind::Bridge
+            | FaultKind::Flap
+            | FaultKind::Delay
+            | FaultKind::ClockSlow => self.network(aim, rng).await?,
+            FaultKind::Transfer | FaultKind::Move => self.membership(aim, rng).await?,
+            FaultKind::DiskFull | FaultKind::FsyncStall | FaultKind::FsyncFail => self.disk(aim, rng).await?,
+        };
+        Ok((desc, deposed_check))
+    }
+
+    /// Cuts, delays or flaps links (and, for `clock-slow`, slows the isolated leader's clock).
+    async fn network(&self, aim: &Aim, rng: &mut StdRng) -> Result<String, String> {
+        let Aim {
+            kind,
+            target,
+            leader,
+            hold,
+            pinned_id,
+            ..
+        } = *aim;
+        let (cfg, election, sys) = (self.cfg, self.election, &self.sys);
+        let pinned = self.pinned(pinned_id);
+        Ok(match kind {
             FaultKind::Isolate => {
                 let rest: Vec<u32> = (1..=cfg.engines).filter(|r| *r != target).collect();
                 sys.net
                     .as_ref()
                     .expect("proxied")
                     .partition(&[vec![target], rest]);
-                let pinned = pinned.start(&sys, target);
+                let pinned = pinned.start(sys, target);
                 tokio::time::sleep(hold).await;
                 sys.net.as_ref().expect("proxied").heal();
                 pinned.stop().await?;
@@ -647,7 +613,7 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
             }
             FaultKind::OneWay => {
                 let pool: Vec<u32> = (1..=cfg.engines).filter(|r| *r != target).collect();
-                let other = *pool.choose(&mut rng).expect("engines");
+                let other = *pool.choose(rng).expect("engines");
                 let (from, to) = if rng.random_bool(0.5) {
                     (target, other)
                 } else {
@@ -663,7 +629,7 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                 let other = *(1..=cfg.engines)
                     .filter(|r| *r != target)
                     .collect::<Vec<_>>()
-                    .choose(&mut rng)
+                    .choose(rng)
                     .expect("engines");
                 let net = sys.net.as_ref().expect("proxied");
                 net.cut(target, other);
@@ -694,26 +660,55 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                 net.heal();
                 format!("rank {target} by {} ms", by.as_millis())
             }
+            FaultKind::ClockSlow => {
+                // Aimed at the leader: only a leader's lease is at stake.
+                let l = leader.unwrap_or(target);
+                sys.failpoint(l, SLOW_CLOCK, Some("return(8)")).await?;
+                let rest: Vec<u32> = (1..=cfg.engines).filter(|r| *r != l).collect();
+                let net = sys.net.as_ref().expect("proxied");
+                net.partition(&[vec![l], rest]);
+                let pinned = pinned.start(sys, l);
+                tokio::time::sleep(hold + election * 3).await;
+                net.heal();
+                pinned.stop().await?;
+                sys.failpoint(l, SLOW_CLOCK, None).await?;
+                format!("rank {l}, isolated")
+            }
+            other => unreachable!("{other:?} is not a network fault"),
+        })
+    }
+
+    /// Moves the leadership or a replica.
+    async fn membership(&self, aim: &Aim, rng: &mut StdRng) -> Result<String, String> {
+        let Aim {
+            kind,
+            target,
+            leader,
+            ref ranks,
+            ..
+        } = *aim;
+        let (cfg, sys) = (self.cfg, &self.sys);
+        Ok(match kind {
             FaultKind::Transfer => {
                 let to = ranks
                     .iter()
                     .copied()
                     .filter(|r| Some(*r) != leader)
                     .collect::<Vec<_>>();
-                let to = *to.choose(&mut rng).expect("replicas");
+                let to = *to.choose(rng).expect("replicas");
                 let req = MgmtRequest::TransferLeader {
                     class: "pool".into(),
                     label: POOL.into(),
                     to_rank: Some(to),
                 };
-                match mgmt_call(&sys, req).await {
+                match mgmt_call(sys, req).await {
                     Ok(_) => format!("to rank {to}"),
                     Err(e) => format!("to rank {to} (failed: {e})"),
                 }
             }
             FaultKind::Move => {
                 let spare: Vec<u32> = (1..=cfg.engines).filter(|r| !ranks.contains(r)).collect();
-                let Some(&to) = spare.choose(&mut rng) else {
+                let Some(&to) = spare.choose(rng) else {
                     return Err(format!("no spare engine for a move; the pool is on {ranks:?}"));
                 };
                 let req = MgmtRequest::RemoveReplica {
@@ -721,13 +716,13 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                     label: POOL.into(),
                     rank: target,
                 };
-                let removed = mgmt_call(&sys, req).await;
+                let removed = mgmt_call(sys, req).await;
                 let req = MgmtRequest::AddReplica {
                     class: "pool".into(),
                     label: POOL.into(),
                     rank: to,
                 };
-                let added = mgmt_call(&sys, req).await;
+                let added = mgmt_call(sys, req).await;
                 format!(
                     "rank {target} -> {to}{}{}",
                     removed
@@ -740,6 +735,17 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                         .unwrap_or_default()
                 )
             }
+            other => unreachable!("{other:?} is not a membership fault"),
+        })
+    }
+
+    /// Fills a disk, or stalls or fails its log commits.
+    async fn disk(&self, aim: &Aim, rng: &mut StdRng) -> Result<String, String> {
+        let Aim {
+            kind, target, hold, ..
+        } = *aim;
+        let sys = &self.sys;
+        Ok(match kind {
             FaultKind::DiskFull => {
                 let at = sys.data_dir(target);
                 let ballast = fill(&at, 1 << 20).map_err(|e| format!("ballast: {e}"))?;
@@ -755,144 +761,179 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
                 sys.failpoint(target, LOG_COMMIT, None).await?;
                 format!("rank {target} by {ms} ms")
             }
-            FaultKind::ClockSlow => {
-                // Aimed at the leader: only a leader's lease is at stake.
-                let l = leader.unwrap_or(target);
-                sys.failpoint(l, SLOW_CLOCK, Some("return(8)")).await?;
-                let rest: Vec<u32> = (1..=cfg.engines).filter(|r| *r != l).collect();
-                let net = sys.net.as_ref().expect("proxied");
-                net.partition(&[vec![l], rest]);
-                let pinned = pinned.start(&sys, l);
-                tokio::time::sleep(hold + election * 3).await;
-                net.heal();
-                pinned.stop().await?;
-                sys.failpoint(l, SLOW_CLOCK, None).await?;
-                format!("rank {l}, isolated")
-            }
             FaultKind::FsyncFail => {
                 sys.failpoint(target, LOG_COMMIT, Some("return(EIO)")).await?;
                 tokio::time::sleep(hold).await;
                 sys.failpoint(target, LOG_COMMIT, None).await?;
                 format!("rank {target}")
             }
-        };
-        let healed = now();
-        // Liveness: a write acknowledged after the heal, within the bound.
-        let acked_after = wait_for(
+            other => unreachable!("{other:?} is not a disk fault"),
+        })
+    }
+
+    /// A client for the far side of a partition (see [`Pinned`]).
+    fn pinned(&self, id: u32) -> Pinned<'_> {
+        Pinned {
+            id,
+            cfg: self.cfg,
+            client_cfg: &self.client_cfg,
+            t0: self.t0,
+            history: &self.history,
+        }
+    }
+
+    /// How long after `healed` the first write was acknowledged, if within the bound.
+    async fn recovery_after(&self, healed: u64) -> Option<Duration> {
+        let h = &self.history;
+        wait_for(
             "a write after the heal",
-            cfg.liveness,
+            self.cfg.liveness,
             Duration::from_millis(10),
-            || {
-                let h = history.clone();
-                async move { h.acked_writes().into_iter().find(|t| *t > healed) }
+            || async { h.acked_writes().into_iter().find(|t| *t > healed) },
+        )
+        .await
+        .ok()
+        .map(|t| Duration::from_nanos(t - healed))
+    }
+
+    /// Whether a pause of a follower deposed the leader. A resumed follower that applied the
+    /// leader's entries follows it; had it deposed the leader, the term would have moved by
+    /// then.
+    async fn deposed(&self, (leader, before, paused, index): DeposedCheck) -> bool {
+        let sys = &self.sys;
+        let _ = wait_for(
+            "the resumed replica to follow the leader",
+            self.cfg.liveness,
+            Duration::from_millis(20),
+            || async {
+                let applied = pool_metric(sys, paused, "rsvc_replica_applied_index").await?;
+                (applied >= index).then_some(())
             },
         )
         .await;
-        let recovery = match acked_after {
-            Ok(t) => Some(Duration::from_nanos(t - healed)),
-            Err(_) => {
-                stuck.push(format!(
-                    "no write acknowledged within {:?} after {} {desc} healed",
-                    cfg.liveness,
-                    kind.name()
-                ));
-                None
+        pool_term(sys, leader).await.is_none_or(|t| t != before)
+    }
+
+    /// Every replica leads in turn and reads every register; the reads join the history.
+    /// Returns what each register read, over all replicas.
+    async fn final_reads(&self) -> Result<BTreeMap<String, BTreeSet<Option<u64>>>, String> {
+        let mut values: BTreeMap<String, BTreeSet<Option<u64>>> = BTreeMap::new();
+        let ranks = pool_ranks(&self.sys).await?;
+        let reader = self.sys.pool(POOL, ClientConfig::default());
+        for (i, rank) in ranks.iter().enumerate() {
+            let req = MgmtRequest::TransferLeader {
+                class: "pool".into(),
+                label: POOL.into(),
+                to_rank: Some(*rank),
+            };
+            mgmt_call(&self.sys, req).await?;
+            for k in 0..self.cfg.keys {
+                let key = format!("r{k}");
+                let call = self.now();
+                let v = match reader.call(&PoolRequest::AttrGet { name: key.clone() }).await {
+                    Ok(PoolResponse::Attr(v)) => parse_value(v)?,
+                    other => return Err(format!("final read of {key} on rank {rank}: {other:?}")),
+                };
+                self.history.push(Event {
+                    client: 10_000 + i as u32,
+                    key: key.clone(),
+                    call,
+                    ret: Some(self.now()),
+                    op: Op::Read(v),
+                });
+                values.entry(key).or_default().insert(v);
             }
-        };
-        // A resumed follower that applied the leader's entries follows it; had it deposed the
-        // leader, the term would have moved by then.
-        let deposed = match deposed_check {
-            Some((l, before, paused, index)) => {
-                let _ = wait_for(
-                    "the resumed replica to follow the leader",
-                    cfg.liveness,
-                    Duration::from_millis(20),
-                    || async {
-                        let applied = pool_metric(&sys, paused, "rsvc_replica_applied_index").await?;
-                        (applied >= index).then_some(())
-                    },
-                )
-                .await;
-                Some(pool_term(&sys, l).await.is_none_or(|t| t != before))
-            }
-            None => None,
-        };
-        tracing::info!(fault = kind.name(), %desc, ?recovery, ?deposed, "fault healed");
-        records.push(FaultRecord {
-            kind,
-            target: desc,
-            start,
-            healed,
-            recovery,
-            gap: Duration::ZERO,
-            deposed,
-        });
-        if recovery.is_none() {
-            break;
+        }
+        Ok(values)
+    }
+}
+
+/// Mounts what the disk nemesis needs, starts the system and the pool, and keeps the faults
+/// that can run here: disk-full needs root, move a spare engine, the fsync and clock faults an
+/// engine built with failpoints.
+async fn prepare(cfg: &RunConfig, dir: &Path) -> Result<(Vec<Tmpfs>, RsvcSystem, Vec<FaultKind>), String> {
+    let root = rustix::process::geteuid().is_root();
+    // The disk nemesis needs a filesystem per engine; engine data dirs live there.
+    let mut mounts = Vec::new();
+    if cfg.faults.contains(&FaultKind::DiskFull) && root {
+        for rank in 1..=cfg.engines {
+            let at = dir.join(format!("engine{rank}"));
+            mounts.push(Tmpfs::mount(&at, 256).ok_or("could not mount a tmpfs")?);
         }
     }
+    let spec = Spec {
+        proxied: true,
+        cluster: "nemesis".into(),
+        ..Spec::new(cfg.engines, cfg.timers)
+    };
+    let sys = RsvcSystem::start_spec(dir, cfg.cmd.clone(), spec).await?;
+    let failpoints = sys.failpoint(1, LOG_COMMIT, None).await.is_ok();
+    let faults: Vec<FaultKind> = cfg
+        .faults
+        .iter()
+        .copied()
+        .filter(|k| *k != FaultKind::DiskFull || root)
+        .filter(|k| *k != FaultKind::Move || cfg.engines > 3)
+        .filter(|k| {
+            failpoints
+                || !matches!(
+                    k,
+                    FaultKind::FsyncStall | FaultKind::FsyncFail | FaultKind::ClockSlow
+                )
+        })
+        .collect();
+    if faults.is_empty() {
+        return Err(
+            "no fault can run here (disk-full needs root, move needs 5 engines, fsync faults an engine with failpoints)"
+                .into(),
+        );
+    }
+    sys.create_pool(POOL, 3).await?;
+    sys.leader("pool", POOL, DEADLINE).await?;
+    Ok((mounts, sys, faults))
+}
+
+/// Runs one seed; returns its report. Errors are harness failures (a system that would not
+/// start), not findings.
+pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
+    let dir = cfg.dir.join(format!("seed-{}", cfg.seed));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // NB: `mounts` outlives `run` (and its engines): locals drop in reverse order.
+    let (mounts, sys, faults) = prepare(&cfg, &dir).await?;
+    let mut run = Run {
+        cfg: &cfg,
+        sys,
+        t0: Instant::now(),
+        history: Arc::new(History::default()),
+        client_cfg: ClientConfig {
+            deadline: cfg.op_timeout,
+            rpc_timeout: cfg.op_timeout.min(Duration::from_millis(500)),
+            ..ClientConfig::default()
+        },
+        election: Duration::from_millis(cfg.timers.election_max_ms),
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for id in 1..=cfg.clients {
+        clients.push(tokio::spawn(client_loop(
+            id,
+            run.sys.pool(POOL, run.client_cfg.clone()),
+            cfg.clone(),
+            run.t0,
+            run.history.clone(),
+            stop.clone(),
+        )));
+    }
+    let (records, stuck) = run.faults(&faults).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in clients {
         c.await.map_err(|e| e.to_string())??;
     }
-
-    // Final reads from every replica: each one leads in turn and reads every register.
-    let mut final_values: BTreeMap<String, BTreeSet<Option<u64>>> = BTreeMap::new();
-    let ranks = pool_ranks(&sys).await?;
-    let reader = sys.pool(POOL, ClientConfig::default());
-    for (i, rank) in ranks.iter().enumerate() {
-        let req = MgmtRequest::TransferLeader {
-            class: "pool".into(),
-            label: POOL.into(),
-            to_rank: Some(*rank),
-        };
-        mgmt_call(&sys, req).await?;
-        for k in 0..cfg.keys {
-            let key = format!("r{k}");
-            let call = now();
-            let v = match reader.call(&PoolRequest::AttrGet { name: key.clone() }).await {
-                Ok(PoolResponse::Attr(v)) => parse_value(v)?,
-                other => return Err(format!("final read of {key} on rank {rank}: {other:?}")),
-            };
-            history.push(Event {
-                client: 10_000 + i as u32,
-                key: key.clone(),
-                call,
-                ret: Some(now()),
-                op: Op::Read(v),
-            });
-            final_values.entry(key).or_default().insert(v);
-        }
-    }
-    let events = history.events.lock().expect("lock").clone();
-    let acked_times = history.acked_writes();
-    for r in &mut records {
-        r.gap = longest_gap(&acked_times, r.start, r.healed);
-    }
-    let found = lincheck::check(&events, 5_000_000);
-    let mut violations = Vec::new();
-    let mut undecided = 0;
-    for (k, o) in found {
-        match o {
-            Outcome::Violation(d) => violations.push(format!("{k}: {d}")),
-            Outcome::Unknown => undecided += 1,
-            Outcome::Ok => {}
-        }
-    }
-    let lost = lost_writes(&events, &final_values);
-    let report = RunReport {
-        seed: cfg.seed,
-        ops: events.len(),
-        acked: events.iter().filter(|e| e.ret.is_some()).count(),
-        indeterminate: events.iter().filter(|e| e.ret.is_none()).count(),
-        faults: records,
-        violations,
-        undecided,
-        lost,
-        stuck,
-        dir: dir.clone(),
-    };
-    drop(sys);
+    let final_values = run.final_reads().await?;
+    let events = run.history.events.lock().expect("lock").clone();
+    let report = check_run(&cfg, &dir, &run.history, &events, records, stuck, &final_values);
+    drop(run);
     drop(mounts);
     if report.passed() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -904,6 +945,110 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
         let _ = std::fs::write(dir.join("history.txt"), dump);
     }
     Ok(report)
+}
+
+/// The checks over a finished run's history.
+fn check_run(
+    cfg: &RunConfig,
+    dir: &Path,
+    history: &History,
+    events: &[Event],
+    mut records: Vec<FaultRecord>,
+    stuck: Vec<String>,
+    final_values: &BTreeMap<String, BTreeSet<Option<u64>>>,
+) -> RunReport {
+    let acked_times = history.acked_writes();
+    for r in &mut records {
+        r.gap = longest_gap(&acked_times, r.start, r.healed);
+    }
+    let mut violations = Vec::new();
+    let mut undecided = 0;
+    for (k, o) in lincheck::check(events, 5_000_000) {
+        match o {
+            Outcome::Violation(d) => violations.push(format!("{k}: {d}")),
+            Outcome::Unknown => undecided += 1,
+            Outcome::Ok => {}
+        }
+    }
+    RunReport {
+        seed: cfg.seed,
+        ops: events.len(),
+        acked: events.iter().filter(|e| e.ret.is_some()).count(),
+        indeterminate: events.iter().filter(|e| e.ret.is_none()).count(),
+        faults: records,
+        violations,
+        undecided,
+        lost: lost_writes(events, final_values),
+        stuck,
+        dir: dir.to_path_buf(),
+    }
+}
+
+impl Run<'_> {
+    /// The nemesis loop: calm, fault, heal, liveness, until the run's time is up. Returns the
+    /// faults as they happened and the liveness failures.
+    async fn faults(&mut self, faults: &[FaultKind]) -> Result<(Vec<FaultRecord>, Vec<String>), String> {
+        let cfg = self.cfg;
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mut records = Vec::new();
+        let mut stuck = Vec::new();
+        let end = Instant::now() + cfg.duration;
+        while Instant::now() < end {
+            // A healthy stretch, then one fault.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..800))).await;
+            let kind = *faults.choose(&mut rng).expect("non-empty");
+            let ranks = match pool_ranks(&self.sys).await {
+                Ok(r) => r,
+                Err(e) => {
+                    stuck.push(format!("before a {} fault: {e}", kind.name()));
+                    break;
+                }
+            };
+            let leader = self.sys.leader("pool", POOL, cfg.liveness).await.ok();
+            // Half of the faults aim at the leader, the others at anyone.
+            let target = match leader {
+                Some(l) if rng.random_bool(0.5) => l,
+                _ => *ranks.choose(&mut rng).expect("replicas"),
+            };
+            let aim = Aim {
+                kind,
+                target,
+                leader,
+                ranks,
+                hold: Duration::from_millis(rng.random_range(500..2500)),
+                pinned_id: 1000 + records.len() as u32,
+            };
+            let start = self.now();
+            let (desc, deposed_check) = self.inject(&aim, &mut rng).await?;
+            let healed = self.now();
+            let recovery = self.recovery_after(healed).await;
+            if recovery.is_none() {
+                stuck.push(format!(
+                    "no write acknowledged within {:?} after {} {desc} healed",
+                    cfg.liveness,
+                    kind.name()
+                ));
+            }
+            let deposed = match deposed_check {
+                Some(check) => Some(self.deposed(check).await),
+                None => None,
+            };
+            tracing::info!(fault = kind.name(), %desc, ?recovery, ?deposed, "fault healed");
+            records.push(FaultRecord {
+                kind,
+                target: desc,
+                start,
+                healed,
+                recovery,
+                gap: Duration::ZERO,
+                deposed,
+            });
+            if recovery.is_none() {
+                break;
+            }
+        }
+        Ok((records, stuck))
+    }
 }
 
 /// The longest stretch without an acknowledged write that overlaps `[start, healed]`.
