@@ -183,12 +183,48 @@ impl Drop for Outstanding {
 }
 
 /// Counters a client keeps about itself.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClientStats {
-    /// Attempts that had to be retried (another replica, or after a backoff).
+    /// Attempts that failed and were tried again (another replica, or after a backoff) after
+    /// the client first reached a leader: real retries, of a failover or a busy leader.
     pub retries: AtomicU64,
+    /// Failed attempts before the client first reached a leader (a replica that answered
+    /// NotLeader, or none that answered): a new client's leader search, not retries.
+    pub searches: AtomicU64,
+    /// Replica lists fetched from the locator (the management service).
+    pub lookups: AtomicU64,
     /// Calls that succeeded.
     pub calls: AtomicU64,
+    /// Latency of every successful call, retries included, in microseconds.
+    latency_us: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for ClientStats {
+    fn default() -> Self {
+        ClientStats {
+            retries: AtomicU64::new(0),
+            searches: AtomicU64::new(0),
+            lookups: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            // 1 us to 1 hour at 3 significant digits: a few tens of KiB per client.
+            latency_us: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("bounds"),
+            ),
+        }
+    }
+}
+
+impl ClientStats {
+    /// The latency of successful calls at quantile `q` (0.5 for the median), if any succeeded.
+    pub fn latency(&self, q: f64) -> Option<Duration> {
+        let h = self.latency_us.lock().expect("lock");
+        (!h.is_empty()).then(|| Duration::from_micros(h.value_at_quantile(q)))
+    }
+
+    fn record(&self, took: Duration) {
+        let us = (took.as_micros() as u64).max(1);
+        let _ = self.latency_us.lock().expect("lock").record(us);
+    }
 }
 
 /// A client of one instance of service `S`. It is `Send + Sync`: share it between tasks with
@@ -201,6 +237,8 @@ pub struct RsvcClient<S: ServiceApi> {
     conns: Connections,
     client_id: [u8; 16],
     session: Arc<Mutex<Session>>,
+    /// Whether any call has reached a leader yet (see [`ClientStats::searches`]).
+    found_leader: std::sync::atomic::AtomicBool,
     cfg: ClientConfig,
     /// Retry and call counts.
     pub stats: ClientStats,
@@ -236,6 +274,7 @@ impl<S: ServiceApi> RsvcClient<S> {
             conns,
             client_id: rand::random(),
             session: Arc::default(),
+            found_leader: std::sync::atomic::AtomicBool::new(false),
             cfg,
             stats: ClientStats::default(),
             _s: PhantomData,
@@ -253,6 +292,7 @@ impl<S: ServiceApi> RsvcClient<S> {
     }
 
     async fn refresh(&self, deadline: Instant) -> Result<(), LocateError> {
+        self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let replicas = self.locator.locate(S::CLASS, &self.instance, deadline).await?;
         tracing::debug!(class = S::CLASS, instance = %self.instance, ?replicas, "refreshed replica list");
         let mut addrs = self.addrs.lock().expect("lock");
@@ -391,10 +431,14 @@ impl<S: ServiceApi> RsvcClient<S> {
             attempts += 1;
             let timeout = self.cfg.rpc_timeout.min(deadline - now);
             req.acked = self.session.lock().expect("lock").acked();
+            // Until this client first reached a leader, failed attempts are its leader search.
+            let searching = !self.found_leader.load(Ordering::Relaxed);
             let a = self.attempt(rank, req.clone(), timeout).await;
             match a.outcome {
                 Ok(b) => {
+                    self.found_leader.store(true, Ordering::Relaxed);
                     self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                    self.stats.record(start.elapsed());
                     if attempts > 1 {
                         tracing::info!(class = S::CLASS, instance = %self.instance, rank = a.rank, attempts,
                             elapsed_ms = start.elapsed().as_millis() as u64, "call succeeded after retries");
@@ -415,7 +459,11 @@ impl<S: ServiceApi> RsvcClient<S> {
                     return Err(ClientError::Wire(e));
                 }
                 Err(f) => {
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    if searching {
+                        self.stats.searches.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    }
                     let (what, not_leader) = match &f {
                         Failure::Transport(m) => (m.clone(), false),
                         Failure::Wire(e) => {

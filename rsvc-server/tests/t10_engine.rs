@@ -117,9 +117,23 @@ fn client(replicas: Vec<(u32, String)>, instance: &str) -> RsvcClient<CounterApi
 async fn instance_on_three_of_five_survives_leader_loss() {
     let mut sys = System::new(5).await;
     let replicas = sys.create("c1", &[2, 3, 5]).await;
-    let c = client(replicas, "c1");
+    let c = client(replicas.clone(), "c1");
     let (leader, term) = c.locate_leader().await.unwrap();
     assert!([2, 3, 5].contains(&leader));
+    // A new client that knows only a follower: its first call is a leader search (the
+    // follower's hint), not a retry.
+    let follower = replicas.iter().find(|(r, _)| *r != leader).cloned().unwrap();
+    let fresh = client(vec![follower], "c1");
+    fresh
+        .call(&CounterRequest::Add {
+            name: "y".into(),
+            delta: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(fresh.stats.searches.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(fresh.stats.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(fresh.stats.lookups.load(std::sync::atomic::Ordering::Relaxed), 1);
     for i in 1..=10 {
         let r = c
             .call(&CounterRequest::Add {
@@ -161,6 +175,11 @@ async fn instance_on_three_of_five_survives_leader_loss() {
     let (new_leader, new_term) = c.cached_leader().unwrap();
     assert_ne!(new_leader, leader);
     assert!(new_term > term);
+    // The failover cost real retries, and every call's latency is in the histogram.
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(c.stats.retries.load(Relaxed) > 0);
+    assert!(c.stats.calls.load(Relaxed) >= 12);
+    assert!(c.stats.latency(1.0).unwrap() >= c.stats.latency(0.5).unwrap());
     eprintln!("failover gap seen by the client: {gap:?} (old leader {leader}, new leader {new_leader}, term {new_term})");
     sys.shutdown().await;
 }
