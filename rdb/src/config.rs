@@ -143,6 +143,15 @@ impl DbConfig {
             // A replica that cannot win asks first, so it never inflates the term and deposes a
             // healthy leader when it comes back (see `network::PeerConn::pre_vote`).
             enable_pre_vote: Some(true),
+            // NB: never resume leadership without an election. A leader sends entries to its
+            // followers before its own fsync (see `storage::log`); if that write fails (EIO,
+            // ENOSPC) or the leader dies first, a quorum of followers may hold an entry the
+            // leader reopens without. Restored in its old term, it would write another entry
+            // at that index under the same log id, and the followers would keep the first:
+            // a forked log and lost acknowledged writes (found by the fault suite; see
+            // `t50_space::a_leader_that_lost_unflushed_entries_*`). An election's up-to-date
+            // check refuses such a leader.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
     }

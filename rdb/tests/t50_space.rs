@@ -3,6 +3,8 @@
 mod common;
 
 use common::{wait_for, Cluster, DEADLINE};
+use std::time::Duration;
+
 use rdb::{DbConfig, Error, Path};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,5 +196,58 @@ async fn enospc_on_a_follower_leaves_the_group_writable() {
     c.start(f).await.unwrap();
     let target = c.db(l).status().last_log_index.unwrap();
     c.wait_applied(target).await;
+    c.shutdown().await;
+}
+
+/// A leader whose log write fails after its followers got the entry must not lead again in
+/// the same term with the shorter log it reopens with: it would write another entry at that
+/// index, under the same log id, and the followers would keep the first one. The fault suite
+/// found replicas that disagreed this way (fsync-eio on the leader, then the engine reopened
+/// it). Every replica must end with the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_unflushed_entries_comes_back_without_forking_the_log() {
+    let mut c = Cluster::new(3, DbConfig::fast()).await;
+    c.put("a", "1").await;
+    let (l, term) = c.leader().await;
+    let db = c.db(l).clone();
+    c.nodes[l].faults.set_full(true);
+    let mut tx = db.begin(None).unwrap();
+    tx.update(&Path::root(), "doomed", "x");
+    let _ = tx.commit().await;
+    wait_for(DEADLINE, "the leader stops on the storage error", || async {
+        db.status().stopped.is_some().then_some(())
+    })
+    .await;
+    // Back at once, before the followers' lease on it ran out, as the engine reopens it.
+    c.nodes[l].faults.set_full(false);
+    c.stop(l).await;
+    c.start(l).await.unwrap();
+    c.put("after", "y").await;
+    let (_, now) = c.leader().await;
+    eprintln!("leader {l} in term {term}; after its return the group leads in term {now}");
+
+    // Each replica in turn leads and reads both keys: they must all agree.
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        let to = c.db(i).ident().replica;
+        wait_for(DEADLINE, "a leadership transfer", || async {
+            let (cur, _) = c.leader().await;
+            if cur == i {
+                return Some(());
+            }
+            c.db(cur)
+                .transfer_leadership(to, Duration::from_secs(5))
+                .await
+                .ok()?;
+            (c.leader().await.0 == i).then_some(())
+        })
+        .await;
+        seen.push((i, c.get("doomed").await, c.get("after").await));
+    }
+    assert!(
+        seen.iter().all(|(_, d, a)| (d, a) == (&seen[0].1, &seen[0].2)),
+        "replicas disagree: {seen:?}"
+    );
+    assert_eq!(seen[0].2.as_deref(), Some("y"), "the acknowledged write is there");
     c.shutdown().await;
 }

@@ -821,12 +821,28 @@ impl Run<'_> {
         let ranks = pool_ranks(&self.sys).await?;
         let reader = self.sys.pool(POOL, ClientConfig::default());
         for (i, rank) in ranks.iter().enumerate() {
-            let req = MgmtRequest::TransferLeader {
-                class: "pool".into(),
-                label: POOL.into(),
-                to_rank: Some(*rank),
-            };
-            mgmt_call(&self.sys, req).await?;
+            // A transfer can fail while the group settles (its target not caught up yet): try
+            // again until the replica serves.
+            let sys = &self.sys;
+            wait_for(
+                &format!("rank {rank} to lead for the final reads"),
+                DEADLINE,
+                Duration::from_millis(100),
+                || async {
+                    if !sys.serving(*rank, "pool", POOL).await {
+                        let req = MgmtRequest::TransferLeader {
+                            class: "pool".into(),
+                            label: POOL.into(),
+                            to_rank: Some(*rank),
+                        };
+                        if let Err(e) = mgmt_call(sys, req).await {
+                            tracing::info!(rank, cause = %e, "transfer for the final reads failed; again");
+                        }
+                    }
+                    sys.serving(*rank, "pool", POOL).await.then_some(())
+                },
+            )
+            .await?;
             for k in 0..self.cfg.keys {
                 let key = format!("r{k}");
                 let call = self.now();

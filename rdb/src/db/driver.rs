@@ -57,11 +57,10 @@ async fn prove(raft: Raft, cfg: DbConfig) -> bool {
     if !confirmed {
         return false;
     }
-    // NB: openraft restores a restarted leader in its old term (enable_leader_restore), with
-    // the commit index it last persisted; a ReadIndex then only covers that. Before serving,
+    // NB: a ReadIndex only covers the commit index this leader knows. Before serving,
     // everything in the log when it took office must be applied: the new term's first entry
-    // for a fresh leader (DAOS's debut entry), every entry written before the crash for a
-    // restored one.
+    // (DAOS's debut entry) commits every entry before it. (Leaders never resume a term after a
+    // restart without an election; see `DbConfig::raft_config`.)
     let target = raft.metrics().borrow_watched().last_log_index;
     raft.wait(Some(cfg.election_timeout.1))
         .applied_index_at_least(target, "leader applies its whole log")
