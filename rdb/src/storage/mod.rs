@@ -158,5 +158,16 @@ pub(crate) fn open(dir: &Path, faults: Option<&DiskFaults>) -> Result<Files> {
             )));
         }
     }
+    let log_last = log
+        .last_log_id_offline()
+        .map_err(|e| Error::Storage(e.to_string()))?;
+    if let Some(at) = sm.cover_applied_beyond(log_last)? {
+        tracing::warn!(
+            replica = %ident.replica,
+            applied = at.index,
+            log_last = log_last.map(|l| l.index),
+            "the state machine applied past the durable log (a log write failed); a snapshot of it now covers the gap"
+        );
+    }
     Ok(Files { ident, log, sm })
 }

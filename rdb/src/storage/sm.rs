@@ -214,6 +214,27 @@ impl SmStore {
         Ok(())
     }
 
+    /// At open, before openraft runs: if the state machine applied entries past the end of
+    /// the durable log and past its snapshot, writes a snapshot of the state as it is. Returns
+    /// the point it covers, if it wrote one.
+    ///
+    /// Entries are applied once committed, which can be before this replica's own log write of
+    /// them is durable (they are committed on other replicas). When that write then fails (EIO,
+    /// ENOSPC) the replica stops, and closing `sm.redb` makes the applied state durable. The
+    /// log then ends before what was applied, and openraft takes the log as purged up to the
+    /// applied point, which only a snapshot at least that new may cover: without one it
+    /// refuses to start. The state is a committed prefix, so it is a valid snapshot.
+    pub(crate) fn cover_applied_beyond(&self, log_last: Option<LogId>) -> Result<Option<LogId>, redb::Error> {
+        let (applied, _) = self.read_applied()?;
+        let snap = self.read_current()?.and_then(|c| c.meta.last_log_id);
+        let beyond = |x: Option<LogId>| applied.map(|a| a.index) > x.map(|l| l.index);
+        if applied.is_none() || !beyond(log_last) || !beyond(snap) {
+            return Ok(None);
+        }
+        let (meta, _) = self.build_blocking()?;
+        Ok(meta.last_log_id)
+    }
+
     /// Writes a snapshot of the current state; returns its metadata and file name.
     fn build_blocking(&self) -> Result<(SnapshotMeta, String), redb::Error> {
         // Make the state durable up to here before the log behind it may be purged.
@@ -522,5 +543,61 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             meta: cur.meta,
             snapshot: SnapshotFile::open(self.snap_dir.join(&cur.file))?,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{EntryPayload, LogId as RaftLogId};
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: RaftLogId::new(
+                openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 },
+                index,
+            ),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// The state machine applied to 10, its snapshot is older and the durable log ends at 5
+    /// (a log write failed after the entries were applied): at open, a snapshot at 10 covers
+    /// the gap, once. Without it openraft refuses to start (`purge_upto <= snapshot`).
+    #[test]
+    fn a_state_machine_ahead_of_the_durable_log_gets_a_snapshot_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("sm.redb")).unwrap();
+        let sm = SmStore::new(db, dir.path().join("snapshots")).unwrap();
+        sm.apply_blocking((1..=3).map(entry).collect()).unwrap();
+        sm.build_blocking().unwrap();
+        sm.apply_blocking((4..=10).map(entry).collect()).unwrap();
+        let log_last = Some(entry(5).log_id);
+        assert_eq!(
+            sm.read_current()
+                .unwrap()
+                .unwrap()
+                .meta
+                .last_log_id
+                .map(|l| l.index),
+            Some(3)
+        );
+
+        let at = sm.cover_applied_beyond(log_last).unwrap();
+        assert_eq!(at.map(|l| l.index), Some(10));
+        assert_eq!(
+            sm.read_current()
+                .unwrap()
+                .unwrap()
+                .meta
+                .last_log_id
+                .map(|l| l.index),
+            Some(10)
+        );
+        // Covered now; and a log that reaches the applied point needs nothing.
+        assert_eq!(sm.cover_applied_beyond(log_last).unwrap(), None);
+        sm.apply_blocking(vec![entry(11)]).unwrap();
+        assert_eq!(sm.cover_applied_beyond(Some(entry(11).log_id)).unwrap(), None);
     }
 }
