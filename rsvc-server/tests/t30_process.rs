@@ -206,11 +206,14 @@ async fn one_client_shared_by_64_tasks_applies_every_add_once_across_a_kill() {
         }));
     }
     // Kill the leader once a third of the adds are in.
-    let start = Instant::now();
-    while done.load(std::sync::atomic::Ordering::SeqCst) < 64 * 20 / 3 {
-        assert!(start.elapsed() < DEADLINE, "the adds did not progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    rsvc_tests::wait_for(
+        "a third of the adds",
+        DEADLINE,
+        Duration::from_millis(5),
+        || async { (done.load(std::sync::atomic::Ordering::SeqCst) >= 64 * 20 / 3).then_some(()) },
+    )
+    .await
+    .unwrap();
     sys.kill(leader).await.unwrap();
     for t in tasks {
         t.await.unwrap();

@@ -27,6 +27,17 @@ pub mod rsvc;
 
 use std::time::{Duration, Instant};
 
+/// Runs a `pool-svc serve` engine inside a harness binary (rsvc-bench, rsvc-fault), which
+/// re-executes itself as `<name> engine serve ...`, so that the engine under test is always the
+/// one built with the harness.
+pub fn serve_engine(name: &'static str, args: rsvc_server::cli::ServeArgs) -> std::process::ExitCode {
+    rsvc_server::cli::run_main(name, rsvc_server::cli::Logging::Serve, async {
+        rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
+            .await
+            .map_err(|e| (2, e))
+    })
+}
+
 /// How long a harness waits for a condition unless told otherwise.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 

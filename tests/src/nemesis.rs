@@ -15,6 +15,11 @@
 //! - liveness: how long clients saw no acknowledged write around each fault, by fault type;
 //! - pauses of a follower must not depose a healthy leader (pre-vote): the pool's term stays.
 //!
+//! The nemesis sleeps only to give a fault (or a calm stretch between faults) its length: that
+//! length is the experiment, drawn from the seed. Everything that waits for the system to do
+//! something (a leader, a write after a heal, a replica catching up) waits on a condition with
+//! a deadline.
+//!
 //! A failing run keeps its directory (engine logs and `history.txt`) and prints its seed; the
 //! same seed replays the same schedule of faults (the interleaving of real processes differs).
 //!
@@ -245,6 +250,17 @@ struct History {
 impl History {
     fn push(&self, e: Event) {
         self.events.lock().expect("lock").push(e);
+    }
+
+    /// The first return of an acknowledged mutation after `t`, if any (polled while waiting
+    /// for a write after a heal: one pass, no copy).
+    fn first_acked_write_after(&self, t: u64) -> Option<u64> {
+        let ev = self.events.lock().expect("lock");
+        ev.iter()
+            .filter(|e| !matches!(e.op, Op::Read(_)))
+            .filter_map(|e| e.ret)
+            .filter(|r| *r > t)
+            .min()
     }
 
     /// Return times of acknowledged mutations, sorted.
@@ -789,7 +805,7 @@ impl Run<'_> {
             "a write after the heal",
             self.cfg.liveness,
             Duration::from_millis(10),
-            || async { h.acked_writes().into_iter().find(|t| *t > healed) },
+            || async { h.first_acked_write_after(healed) },
         )
         .await
         .ok()

@@ -574,27 +574,19 @@ mod tests {
         sm.build_blocking().unwrap();
         sm.apply_blocking((4..=10).map(entry).collect()).unwrap();
         let log_last = Some(entry(5).log_id);
-        assert_eq!(
+        let snapshot_at = || {
             sm.read_current()
                 .unwrap()
                 .unwrap()
                 .meta
                 .last_log_id
-                .map(|l| l.index),
-            Some(3)
-        );
+                .map(|l| l.index)
+        };
+        assert_eq!(snapshot_at(), Some(3));
 
         let at = sm.cover_applied_beyond(log_last).unwrap();
         assert_eq!(at.map(|l| l.index), Some(10));
-        assert_eq!(
-            sm.read_current()
-                .unwrap()
-                .unwrap()
-                .meta
-                .last_log_id
-                .map(|l| l.index),
-            Some(10)
-        );
+        assert_eq!(snapshot_at(), Some(10));
         // Covered now; and a log that reaches the applied point needs nothing.
         assert_eq!(sm.cover_applied_beyond(log_last).unwrap(), None);
         sm.apply_blocking(vec![entry(11)]).unwrap();

@@ -164,11 +164,7 @@ fn main() -> std::process::ExitCode {
         cmd: EngineCmd::Serve(args),
     }) = cli.cmd
     {
-        return rsvc_server::cli::run_main("rsvc-bench engine", rsvc_server::cli::Logging::Serve, async {
-            rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
-                .await
-                .map_err(|e| (2, e))
-        });
+        return rsvc_tests::serve_engine("rsvc-bench engine", args);
     }
     if let Some(Cmd::Campaign(args)) = cli.cmd {
         return rsvc_server::cli::run_main(

@@ -80,11 +80,7 @@ fn main() -> ExitCode {
         cmd: EngineCmd::Serve(args),
     }) = cli.cmd
     {
-        return rsvc_server::cli::run_main("rsvc-fault engine", rsvc_server::cli::Logging::Serve, async {
-            rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
-                .await
-                .map_err(|e| (2, e))
-        });
+        return rsvc_tests::serve_engine("rsvc-fault engine", args);
     }
     rsvc_server::cli::run_main("rsvc-fault", rsvc_server::cli::Logging::Command, async {
         suite(cli).await.map_err(|e| (1, e))
