@@ -44,6 +44,38 @@ pub enum PoolRequest {
         expect: Option<Vec<u8>>,
         value: Vec<u8>,
     },
+    /// Several user attributes in one serializable transaction (etcd's `Txn`, with appends).
+    ///
+    /// The ops run in order on one snapshot, each seeing the effects of the ones before it.
+    /// If an [`AttrOp::Expect`] does not hold, nothing is written and the answer says so. Every
+    /// attribute the transaction read is checked again when its entry applies: a concurrent
+    /// change makes the entry apply nothing and the call answer `Busy`, which the client retries
+    /// on a newer snapshot. So the result is as if the transaction ran alone at the moment it
+    /// applied. Answers [`PoolResponse::Txn`].
+    AttrTxn { ops: Vec<AttrOp> },
+}
+
+/// One step of a [`PoolRequest::AttrTxn`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttrOp {
+    /// Reads an attribute; its value joins the answer.
+    Get { name: String },
+    /// Sets an attribute.
+    Set { name: String, value: Vec<u8> },
+    /// Appends bytes to an attribute (an absent one counts as empty).
+    Append { name: String, value: Vec<u8> },
+    /// The attribute must hold `value` (`None`: absent) for the transaction to write anything.
+    Expect { name: String, value: Option<Vec<u8>> },
+}
+
+impl AttrOp {
+    /// The attribute it names.
+    pub fn name(&self) -> &str {
+        match self {
+            AttrOp::Get { name } | AttrOp::Set { name, .. } | AttrOp::Append { name, .. } => name,
+            AttrOp::Expect { name, .. } => name,
+        }
+    }
 }
 
 /// A pool handle as `ListHandles` shows it.
@@ -99,6 +131,9 @@ pub enum PoolResponse {
     Cont(ContResponse),
     /// Whether an [`PoolRequest::AttrCas`] swapped; if not, what the attribute held.
     Swapped { swapped: bool, current: Option<Vec<u8>> },
+    /// What an [`PoolRequest::AttrTxn`] did: whether its expectations held (and so its writes
+    /// were made), and the value of each [`AttrOp::Get`], in order.
+    Txn { ok: bool, values: Vec<Option<Vec<u8>>> },
 }
 
 /// Pool errors.
@@ -136,6 +171,9 @@ impl ServiceApi for PoolApi {
             | PoolRequest::ListHandles
             // A renewal only touches the leader's memory.
             | PoolRequest::Renew { .. } => false,
+            PoolRequest::AttrTxn { ops } => ops
+                .iter()
+                .any(|op| matches!(op, AttrOp::Set { .. } | AttrOp::Append { .. })),
             PoolRequest::Cont { req, .. } => req.is_mutating(),
             _ => true,
         }

@@ -8,7 +8,7 @@ use cont_svc::api::Handle;
 use cont_svc::{ContError, ContInfo, ContRequest, ContResponse};
 use rsvc_client::{ClientConfig, ClientError, Connections, Locator, RsvcClient};
 
-use crate::api::{PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
+use crate::api::{AttrOp, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
 
 /// Errors of the typed clients.
 pub type Error = ClientError<PoolError>;
@@ -159,6 +159,16 @@ impl PoolClient {
         };
         match self.rpc.call(&req).await? {
             PoolResponse::Swapped { swapped, current } => Ok((swapped, current)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Runs several attribute ops as one serializable transaction (see
+    /// [`PoolRequest::AttrTxn`]). Returns whether its expectations held (if not, nothing was
+    /// written) and the value of each `Get`, in order.
+    pub async fn attr_txn(&self, ops: Vec<AttrOp>) -> Result<(bool, Vec<Option<Vec<u8>>>), Error> {
+        match self.rpc.call(&PoolRequest::AttrTxn { ops }).await? {
+            PoolResponse::Txn { ok, values } => Ok((ok, values)),
             other => Err(unexpected(other)),
         }
     }

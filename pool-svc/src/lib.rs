@@ -20,7 +20,7 @@ pub mod api;
 pub mod client;
 pub mod service;
 
-pub use api::{PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse, POOL_CLASS};
+pub use api::{AttrOp, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse, POOL_CLASS};
 pub use client::{ContClient, PoolClient};
 pub use service::PoolService;
 

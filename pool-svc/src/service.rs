@@ -21,7 +21,10 @@ use rdb::{Db, KeyClass, Path, Tx, Value};
 use rsvc_server::{Ctx, ReplicatedService, StepUp};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{HandleInfo, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
+use crate::api::{AttrOp, HandleInfo, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
+
+/// The most ops one [`PoolRequest::AttrTxn`] may carry: one transaction is one log entry.
+pub const MAX_TXN_OPS: usize = 1024;
 
 /// Shortest and longest lease a client may ask for.
 pub const TTL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
@@ -333,6 +336,7 @@ impl ReplicatedService for PoolService {
                     current: None,
                 })
             }
+            PoolRequest::AttrTxn { ops } => attr_txn(tx, ops).await,
             PoolRequest::AttrGet { name } => Ok(PoolResponse::Attr(
                 tx.lookup(&attrs(), name.as_bytes()).await.map_err(storage)?,
             )),
@@ -401,4 +405,72 @@ impl ReplicatedService for PoolService {
             }
         }
     }
+}
+
+/// Runs an [`PoolRequest::AttrTxn`] on `tx`.
+///
+/// Optimistic concurrency, validated at apply: the ops run against the transaction's snapshot
+/// overlaid with its own writes; then every attribute it read from the snapshot becomes a
+/// precondition of the entry (`expect` with the value read), and its writes follow. Applied
+/// entries are totally ordered, and an entry applies only if nothing it read changed since its
+/// snapshot, so the transaction is serializable at its apply point; a failed precondition has
+/// no effect and answers `Busy`, which the client retries. A blind `Set` reads nothing and
+/// conflicts with nothing.
+async fn attr_txn(tx: &mut Tx, ops: Vec<AttrOp>) -> Result<PoolResponse, PoolError> {
+    use std::collections::BTreeMap;
+    if ops.len() > MAX_TXN_OPS {
+        return Err(PoolError::Invalid(format!(
+            "a transaction of {} ops; at most {MAX_TXN_OPS}",
+            ops.len()
+        )));
+    }
+    if ops.iter().any(|op| op.name().is_empty()) {
+        return Err(PoolError::Invalid("empty attribute name".into()));
+    }
+    // What the snapshot held, for each attribute read; and the transaction's own view.
+    let mut read: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    let mut view: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut values = Vec::new();
+    for op in ops {
+        if let AttrOp::Set { name, value } = op {
+            view.insert(name.clone(), Some(value.clone()));
+            written.insert(name, value);
+            continue;
+        }
+        let name = op.name().to_string();
+        let current = match view.get(&name) {
+            Some(v) => v.clone(),
+            None => {
+                let v = tx.lookup(&attrs(), name.as_bytes()).await.map_err(storage)?;
+                read.insert(name.clone(), v.clone());
+                view.insert(name.clone(), v.clone());
+                v
+            }
+        };
+        match op {
+            AttrOp::Get { .. } => values.push(current),
+            AttrOp::Append { value, .. } => {
+                let mut v = current.unwrap_or_default();
+                v.extend_from_slice(&value);
+                view.insert(name.clone(), Some(v.clone()));
+                written.insert(name, v);
+            }
+            AttrOp::Expect { value, .. } => {
+                if current != value {
+                    return Ok(PoolResponse::Txn { ok: false, values });
+                }
+            }
+            AttrOp::Set { .. } => unreachable!("handled above"),
+        }
+    }
+    if !written.is_empty() {
+        for (name, v) in read {
+            tx.expect(&attrs(), name.into_bytes(), v);
+        }
+        for (name, v) in written {
+            tx.update(&attrs(), name.into_bytes(), v);
+        }
+    }
+    Ok(PoolResponse::Txn { ok: true, values })
 }
