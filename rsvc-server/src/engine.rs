@@ -30,6 +30,13 @@ const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Pause between attempts to join the system.
 const JOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often the first access point asks the others whether a system exists, before it
+/// bootstraps the management service.
+const BOOTSTRAP_POLL: Duration = Duration::from_millis(200);
+
+/// How long an access point may take to answer `Identify` before bootstrapping.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What an engine needs to run.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -295,7 +302,11 @@ impl Engine {
     async fn join_system(&self, access_points: Vec<(u32, String)>, is_ap: bool) {
         use rsvc_client::mgmt::{mgmt_client, MgmtRequest, MGMT_CLASS, MGMT_INSTANCE};
         let first_ap = access_points.iter().map(|(r, _)| *r).min();
-        if is_ap && first_ap == Some(self.inner.rank) && self.host(MGMT_CLASS, MGMT_INSTANCE).is_none() {
+        if is_ap
+            && first_ap == Some(self.inner.rank)
+            && self.host(MGMT_CLASS, MGMT_INSTANCE).is_none()
+            && self.no_system_yet(&access_points).await
+        {
             let db = DbId::random();
             let res = async {
                 let me = self
@@ -348,6 +359,70 @@ impl Engine {
             }
             if *stop.borrow() || tokio::time::timeout(JOIN_RETRY, stop.changed()).await.is_ok() {
                 return;
+            }
+        }
+    }
+
+    /// Whether the first access point, which hosts no management replica, may bootstrap the
+    /// management service: only once every other access point has answered and none of them
+    /// hosts a management replica. Waits for the ones that do not answer; `false` if a system
+    /// exists already or the engine stops.
+    ///
+    /// NB: without this, a first access point that lost its data directory would bootstrap a
+    /// second, empty management service beside the real one, and clients that asked it would
+    /// see a system with no engines and no instances. Waiting for every access point at the
+    /// first start is what forming a system takes anyway.
+    async fn no_system_yet(&self, access_points: &[(u32, String)]) -> bool {
+        use rsvc_client::mgmt::MGMT_CLASS;
+        let others: Vec<&(u32, String)> = access_points
+            .iter()
+            .filter(|(r, a)| *r != self.inner.rank && !a.is_empty())
+            .collect();
+        let mut stop = self.inner.shutdown.subscribe();
+        let mut waiting_for: Vec<u32> = Vec::new();
+        loop {
+            let asks = others.iter().map(|(rank, addr)| async move {
+                let answer = match self.inner.transport.peer(addr) {
+                    Ok(mut p) => tokio::time::timeout(IDENTIFY_TIMEOUT, p.identify(pb::IdentifyRequest {}))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .map(|r| r.into_inner()),
+                    Err(_) => None,
+                };
+                (*rank, answer)
+            });
+            let answers = futures::future::join_all(asks).await;
+            if let Some((rank, _)) = answers.iter().find(|(_, a)| {
+                a.as_ref().is_some_and(|a| {
+                    a.cluster == self.inner.cluster && a.hosted.iter().any(|h| h.class == MGMT_CLASS)
+                })
+            }) {
+                tracing::info!(
+                    rank = self.inner.rank,
+                    holder = rank,
+                    "the management service exists already; joining it instead of bootstrapping one"
+                );
+                return false;
+            }
+            let silent: Vec<u32> = answers
+                .iter()
+                .filter(|(_, a)| a.is_none())
+                .map(|(r, _)| *r)
+                .collect();
+            if silent.is_empty() {
+                return true;
+            }
+            if silent != waiting_for {
+                tracing::info!(
+                    rank = self.inner.rank,
+                    ?silent,
+                    "waiting for every access point before bootstrapping the management service"
+                );
+                waiting_for = silent;
+            }
+            if *stop.borrow() || tokio::time::timeout(BOOTSTRAP_POLL, stop.changed()).await.is_ok() {
+                return false;
             }
         }
     }
@@ -785,10 +860,21 @@ impl pb::peer_server::Peer for PeerSvc {
         &self,
         _req: Request<pb::IdentifyRequest>,
     ) -> Result<Response<pb::IdentifyReply>, Status> {
+        let hosted = self
+            .0
+            .hosts()
+            .iter()
+            .map(|h| pb::HostedReplica {
+                class: h.class.clone(),
+                instance: h.instance.clone(),
+                gen: h.db.ident().replica.gen,
+            })
+            .collect();
         Ok(Response::new(pb::IdentifyReply {
             rank: self.0.inner.rank,
             cluster: self.0.inner.cluster.clone(),
             incarnation: self.0.inner.incarnation,
+            hosted,
         }))
     }
 

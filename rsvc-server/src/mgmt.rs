@@ -10,7 +10,7 @@
 //! If any step fails, it destroys the replicas it started, so a failed create leaves nothing
 //! behind.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,17 @@ pub struct MgmtInner {
     reconf_after: Option<Duration>,
     /// When each engine last answered a health check; kept by the leader only.
     seen: Mutex<HashMap<u32, Instant>>,
+    /// Replicas found missing from their engine, with how many rounds in a row; kept by the
+    /// leader only (see [`lost_replicas`]).
+    missing: Mutex<HashMap<Listed, u32>>,
 }
+
+/// A replica as the directory lists it: class, instance, rank, generation.
+type Listed = (String, String, u32, u32);
+
+/// Rounds in a row a listed replica must be missing from its (answering) engine before the
+/// monitor re-creates it: one round could race an add or a remove in progress.
+const LOST_AFTER_ROUNDS: u32 = 2;
 
 impl std::ops::Deref for Mgmt {
     type Target = MgmtInner;
@@ -97,6 +107,7 @@ impl Mgmt {
                 me,
                 reconf_after,
                 seen: Mutex::default(),
+                missing: Mutex::default(),
             }),
             monitor: Mutex::new(None),
         }
@@ -113,9 +124,14 @@ impl MgmtInner {
             .is_some_and(|t| t.elapsed() > DOWN_AFTER)
     }
 
-    /// One round of the leader's monitor: health-check every engine, then move the replicas
-    /// of engines down for longer than `reconf_after`.
-    async fn monitor_round(&self, client: &rsvc_client::RsvcClient<MgmtApi>) -> Result<(), String> {
+    /// One round of the leader's monitor: ask every engine who it is and what it hosts (the
+    /// health check), re-create replicas that engines which answered have lost, then move the
+    /// replicas of engines down for longer than `reconf_after`.
+    async fn monitor_round(
+        &self,
+        client: &rsvc_client::RsvcClient<MgmtApi>,
+        db: &rdb::Db,
+    ) -> Result<(), String> {
         let MgmtResponse::Map(ranks) = client
             .call(&MgmtRequest::SystemMap)
             .await
@@ -124,38 +140,42 @@ impl MgmtInner {
             return Err("unexpected answer".into());
         };
         let checks = ranks.iter().map(|r| async move {
-            let Ok(ch) = self.peers.channel(&r.addr) else {
-                return (r.rank, false);
+            let reply = tokio::time::timeout(PROBE_EVERY / 2, self.identify(&r.addr)).await;
+            // Only the engine of that rank and cluster counts as an answer.
+            let hosted = match reply {
+                Ok(Ok(me)) if me.rank == r.rank && me.cluster == self.cluster => Some(
+                    me.hosted
+                        .into_iter()
+                        .map(|h| (h.class, h.instance, h.gen))
+                        .collect::<HashSet<_>>(),
+                ),
+                _ => None,
             };
-            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-            let req = tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            };
-            let ok = tokio::time::timeout(PROBE_EVERY / 2, h.check(req))
-                .await
-                .is_ok_and(|r| r.is_ok());
-            (r.rank, ok)
+            (r.rank, hosted)
         });
         let results = futures::future::join_all(checks).await;
         {
             let mut seen = self.seen.lock().expect("lock");
             let now = Instant::now();
-            for (rank, ok) in results {
+            for (rank, hosted) in &results {
                 // First sight counts as seen, so an engine gets the full grace period.
-                if ok || !seen.contains_key(&rank) {
-                    seen.insert(rank, now);
+                if hosted.is_some() || !seen.contains_key(rank) {
+                    seen.insert(*rank, now);
                 }
             }
         }
-        let Some(after) = self.reconf_after else {
-            return Ok(());
-        };
+        let hosted: HashMap<u32, HashSet<(String, String, u32)>> =
+            results.into_iter().filter_map(|(r, h)| Some((r, h?))).collect();
         let MgmtResponse::Instances(instances) = client
             .call(&MgmtRequest::ListInstances { class: None })
             .await
             .map_err(|e| e.to_string())?
         else {
             return Err("unexpected answer".into());
+        };
+        self.repair_lost(client, db, &ranks, &instances, &hosted).await;
+        let Some(after) = self.reconf_after else {
+            return Ok(());
         };
         for i in instances {
             for (dead, _) in &i.replicas {
@@ -194,6 +214,98 @@ impl MgmtInner {
             }
         }
         Ok(())
+    }
+
+    /// Re-creates, under a new generation, the replicas that engines which answered no longer
+    /// host (Restate's storage id, DAOS's replica generation): a wiped data directory, or a
+    /// replica directory that was deleted. The old identity leaves the group first, so the
+    /// lost replica can never vote again; the new one joins as a learner, catches up from the
+    /// leader, and becomes a voter.
+    ///
+    /// NB: a replica counts as lost only after [`LOST_AFTER_ROUNDS`] rounds in a row, so that
+    /// an add or a remove in progress (the engine and the directory briefly disagree) is not
+    /// mistaken for a loss.
+    async fn repair_lost(
+        &self,
+        client: &rsvc_client::RsvcClient<MgmtApi>,
+        db: &rdb::Db,
+        ranks: &[RankInfo],
+        instances: &[InstanceInfo],
+        hosted: &HashMap<u32, HashSet<(String, String, u32)>>,
+    ) {
+        let mut listed: Vec<Listed> = instances
+            .iter()
+            .flat_map(|i| {
+                i.replicas.iter().map(|(rank, _)| {
+                    let gen = i.gens.iter().find(|(r, _)| r == rank).map_or(1, |(_, g)| *g);
+                    (i.class.clone(), i.label.clone(), *rank, gen)
+                })
+            })
+            .collect();
+        // The management service's own replicas, from its membership.
+        let me = db.ident().replica;
+        listed.extend(
+            db.status()
+                .voters
+                .iter()
+                .filter(|v| **v != me)
+                .map(|v| (MGMT_CLASS.to_string(), MGMT_INSTANCE.to_string(), v.rank, v.gen)),
+        );
+        let lost = {
+            let mut missing = self.missing.lock().expect("lock");
+            lost_replicas(&listed, hosted, &mut missing)
+        };
+        for (class, label, rank, gen) in lost {
+            tracing::warn!(%class, %label, rank, gen, "replica lost by its engine (wiped data?); re-creating it under a new generation");
+            let res = if class == MGMT_CLASS {
+                self.repair_mgmt(db, ranks, rank, gen).await
+            } else {
+                async {
+                    let rm = MgmtRequest::RemoveReplica {
+                        class: class.clone(),
+                        label: label.clone(),
+                        rank,
+                    };
+                    client.call(&rm).await.map_err(|e| e.to_string())?;
+                    let add = MgmtRequest::AddReplica {
+                        class: class.clone(),
+                        label: label.clone(),
+                        rank,
+                    };
+                    client.call(&add).await.map_err(|e| e.to_string()).map(|_| ())
+                }
+                .await
+            };
+            match res {
+                Ok(()) => {
+                    tracing::info!(%class, %label, rank, old_gen = gen, "re-created a lost replica");
+                    self.missing
+                        .lock()
+                        .expect("lock")
+                        .remove(&(class, label, rank, gen));
+                }
+                Err(e) => {
+                    tracing::warn!(%class, %label, rank, cause = %e, "could not re-create a lost replica yet")
+                }
+            }
+        }
+    }
+
+    /// Replaces the management replica `(rank, gen)` that its engine lost by a new one of the
+    /// next generation.
+    async fn repair_mgmt(&self, db: &rdb::Db, ranks: &[RankInfo], rank: u32, gen: u32) -> Result<(), String> {
+        let addr = ranks
+            .iter()
+            .find(|r| r.rank == rank)
+            .map(|r| r.addr.clone())
+            .ok_or_else(|| format!("rank {rank} is not in the system map"))?;
+        db.remove_replica(rdb::ReplicaId::new(rank, gen))
+            .await
+            .map_err(|e| e.to_string())?;
+        let member = self
+            .start_on(&addr, MGMT_CLASS, MGMT_INSTANCE, db.ident().db, gen + 1, &[])
+            .await?;
+        db.add_replica(member).await.map_err(|e| e.to_string())
     }
 
     async fn start_on(
@@ -578,9 +690,11 @@ impl MgmtInner {
 impl ReplicatedService for Mgmt {
     type Api = MgmtApi;
 
-    async fn step_up(&self, _db: &rdb::Db, term: u64) -> Result<StepUp, String> {
+    async fn step_up(&self, db: &rdb::Db, term: u64) -> Result<StepUp, String> {
         self.seen.lock().expect("lock").clear();
+        self.missing.lock().expect("lock").clear();
         let mgmt = self.inner.clone();
+        let db = db.clone();
         let task = tokio::spawn(async move {
             let cfg = rsvc_client::ClientConfig {
                 deadline: Duration::from_secs(5),
@@ -588,7 +702,7 @@ impl ReplicatedService for Mgmt {
             };
             let client = rsvc_client::mgmt::mgmt_client(vec![mgmt.me.clone()], mgmt.peers.clients(), cfg);
             loop {
-                if let Err(e) = mgmt.monitor_round(&client).await {
+                if let Err(e) = mgmt.monitor_round(&client, &db).await {
                     tracing::debug!(term, cause = %e, "monitor round failed");
                 }
                 tokio::time::sleep(PROBE_EVERY).await;
@@ -705,5 +819,89 @@ impl ReplicatedService for Mgmt {
                 Ok(MgmtResponse::Instances(out))
             }
         }
+    }
+}
+
+/// Which listed replicas are lost: their engine answered this round without them (at their
+/// generation), and it did so for [`LOST_AFTER_ROUNDS`] rounds in a row. `missing` carries the
+/// counts between rounds; a replica that is back, or whose engine did not answer, is forgotten
+/// (an engine that does not answer is down, not wiped: that is the reconfiguration's business).
+fn lost_replicas(
+    listed: &[Listed],
+    hosted: &HashMap<u32, HashSet<(String, String, u32)>>,
+    missing: &mut HashMap<Listed, u32>,
+) -> Vec<Listed> {
+    let mut now_missing = HashMap::new();
+    for l in listed {
+        let (class, label, rank, gen) = l;
+        let Some(h) = hosted.get(rank) else { continue };
+        if h.contains(&(class.clone(), label.clone(), *gen)) {
+            continue;
+        }
+        let n = missing.get(l).copied().unwrap_or(0) + 1;
+        now_missing.insert(l.clone(), n);
+    }
+    *missing = now_missing;
+    let mut lost: Vec<Listed> = missing
+        .iter()
+        .filter(|(_, n)| **n >= LOST_AFTER_ROUNDS)
+        .map(|(l, _)| l.clone())
+        .collect();
+    lost.sort();
+    lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(class: &str, rank: u32, gen: u32) -> Listed {
+        (class.into(), "x".into(), rank, gen)
+    }
+
+    fn hosts(of: &[(u32, &[(&str, u32)])]) -> HashMap<u32, HashSet<(String, String, u32)>> {
+        of.iter()
+            .map(|(r, hs)| {
+                let set = hs
+                    .iter()
+                    .map(|(c, g)| (c.to_string(), "x".to_string(), *g))
+                    .collect();
+                (*r, set)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replica_missing_from_an_answering_engine_is_lost_after_two_rounds() {
+        let listed = vec![l("pool", 1, 1), l("pool", 2, 1), l("pool", 3, 2)];
+        let mut missing = HashMap::new();
+        // Rank 2 answers without its replica; rank 3 does not answer at all.
+        let h = hosts(&[(1, &[("pool", 1)]), (2, &[])]);
+        assert!(
+            lost_replicas(&listed, &h, &mut missing).is_empty(),
+            "one round is not enough"
+        );
+        assert_eq!(lost_replicas(&listed, &h, &mut missing), vec![l("pool", 2, 1)]);
+        // A down engine is never "lost": that is reconfiguration's business.
+        assert!(!missing.contains_key(&l("pool", 3, 2)));
+    }
+
+    #[test]
+    fn a_replica_back_in_between_or_at_another_generation_is_judged_anew() {
+        let listed = vec![l("pool", 2, 1)];
+        let mut missing = HashMap::new();
+        let gone = hosts(&[(2, &[])]);
+        let back = hosts(&[(2, &[("pool", 1)])]);
+        let silent = hosts(&[]);
+        assert!(lost_replicas(&listed, &gone, &mut missing).is_empty());
+        // It came back (an add in progress): the count starts over.
+        assert!(lost_replicas(&listed, &back, &mut missing).is_empty());
+        assert!(lost_replicas(&listed, &gone, &mut missing).is_empty());
+        // The engine did not answer: the count starts over too.
+        assert!(lost_replicas(&listed, &silent, &mut missing).is_empty());
+        assert!(lost_replicas(&listed, &gone, &mut missing).is_empty());
+        // An engine that hosts the instance at an older generation lost the listed one.
+        let old = hosts(&[(2, &[("pool", 0)])]);
+        assert_eq!(lost_replicas(&listed, &old, &mut missing), vec![l("pool", 2, 1)]);
     }
 }

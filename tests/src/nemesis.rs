@@ -25,7 +25,8 @@
 //!
 //! CAVEATS: faults are sequential, not overlapping; the disk nemesis needs root (a tmpfs per
 //! engine) and is skipped without it, the fsync nemeses an engine built with the `failpoints`
-//! feature (rsvc-fault's own are); clock skew and wiped data directories are not injected yet.
+//! feature (rsvc-fault's own are); clock skew is injected only as the 8x slow clock that the
+//! checker must catch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -75,6 +76,10 @@ pub enum FaultKind {
     /// Every log commit of an engine fails, as an fsync returning EIO (a failpoint); its
     /// replicas stop, and the engine reopens them once the disk works again.
     FsyncFail,
+    /// kill -9 of an engine, its data directory wiped, and a restart: the engine comes back
+    /// with no replicas, and the management service must re-create them under a new
+    /// generation (the lost identities never vote again).
+    Wipe,
     /// The leader's clock runs 8 times slow (a failpoint on its lease timers) while it is
     /// isolated: it keeps serving reads alone after the others elected a new leader. Not in
     /// [`FaultKind::ALL`]: it breaks the lease's assumption of bounded clock drift on purpose,
@@ -84,8 +89,9 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind, in table order.
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::Kill,
+        FaultKind::Wipe,
         FaultKind::PauseShort,
         FaultKind::PauseLong,
         FaultKind::Isolate,
@@ -104,6 +110,7 @@ impl FaultKind {
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Kill => "kill",
+            FaultKind::Wipe => "wipe",
             FaultKind::PauseShort => "pause-short",
             FaultKind::PauseLong => "pause-long",
             FaultKind::Isolate => "isolate",
@@ -538,6 +545,8 @@ struct Run<'a> {
     history: Arc<History>,
     client_cfg: ClientConfig,
     election: Duration,
+    /// Wiped engines whose replicas were not re-created in time (liveness failures).
+    unrepaired: Vec<String>,
 }
 
 impl Run<'_> {
@@ -567,6 +576,23 @@ impl Run<'_> {
                 tokio::time::sleep(hold).await;
                 sys.restart(target).await?;
                 format!("rank {target}")
+            }
+            FaultKind::Wipe => {
+                // What the engine hosted, and how far each replica had applied: the new ones
+                // must get at least as far.
+                let before = sys.replica_metric(target, "rsvc_replica_applied_index").await?;
+                sys.kill(target).await?;
+                sys.wipe(target)?;
+                tokio::time::sleep(hold).await;
+                sys.restart(target).await?;
+                let rebuilt = sys.wait_rebuilt(target, &before, cfg.liveness * 2).await;
+                match rebuilt {
+                    Ok(()) => format!("rank {target} ({} replicas re-created)", before.len()),
+                    Err(e) => {
+                        self.unrepaired.push(format!("after wiping rank {target}: {e}"));
+                        format!("rank {target} (NOT re-created)")
+                    }
+                }
             }
             FaultKind::PauseShort | FaultKind::PauseLong => {
                 // A short pause stays under the minimum election timeout.
@@ -944,6 +970,7 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
             ..ClientConfig::default()
         },
         election: Duration::from_millis(cfg.timers.election_max_ms),
+        unrepaired: Vec::new(),
     };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -1054,6 +1081,7 @@ impl Run<'_> {
             let (desc, deposed_check) = self.inject(&aim, &mut rng).await?;
             let healed = self.now();
             let recovery = self.recovery_after(healed).await;
+            stuck.append(&mut self.unrepaired);
             if recovery.is_none() {
                 stuck.push(format!(
                     "no write acknowledged within {:?} after {} {desc} healed",

@@ -396,6 +396,71 @@ impl RsvcSystem {
         Ok(())
     }
 
+    /// Removes everything in the data directory of the stopped engine of `rank`, as a
+    /// replaced disk would (the directory stays: it may be a mount point).
+    pub fn wipe(&self, rank: u32) -> Result<(), String> {
+        let e = self.engines.get(&rank).ok_or("no such rank")?;
+        if e.proc.is_some() {
+            return Err(format!("rank {rank} is running; stop it before wiping its data"));
+        }
+        let dir = self.data_dir(rank);
+        let wipe = || -> std::io::Result<()> {
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path)?;
+                } else {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+            Ok(())
+        };
+        wipe().map_err(|err| format!("wipe {}: {err}", dir.display()))
+    }
+
+    /// Waits until the engine of `rank` hosts every replica in `before` (how far each had
+    /// applied, by (class, instance), from [`replica_metric`](Self::replica_metric)) again,
+    /// each applied at least as far, and the directory lists `rank` among each service
+    /// instance's replicas again: what a wiped engine's repair must achieve.
+    pub async fn wait_rebuilt(
+        &self,
+        rank: u32,
+        before: &BTreeMap<(String, String), u64>,
+        deadline: Duration,
+    ) -> Result<(), String> {
+        use rsvc_client::mgmt::{MgmtResponse, MGMT_CLASS};
+        let mgmt = self.mgmt(ClientConfig::default());
+        wait_for(
+            &format!("rank {rank}'s replicas re-created and caught up"),
+            deadline,
+            Duration::from_millis(50),
+            || async {
+                let now = self
+                    .replica_metric(rank, "rsvc_replica_applied_index")
+                    .await
+                    .ok()?;
+                if !before.iter().all(|(k, i)| now.get(k).is_some_and(|n| n >= i)) {
+                    return None;
+                }
+                let Ok(MgmtResponse::Instances(is)) =
+                    mgmt.call(&MgmtRequest::ListInstances { class: None }).await
+                else {
+                    return None;
+                };
+                let listed = |(class, label): &(String, String)| {
+                    class == MGMT_CLASS
+                        || is.iter().any(|i| {
+                            &i.class == class
+                                && &i.label == label
+                                && i.replicas.iter().any(|(r, _)| *r == rank)
+                        })
+                };
+                before.keys().all(listed).then_some(())
+            },
+        )
+        .await
+    }
+
     /// SIGTERM of the engine of `rank`, waiting for its exit.
     pub async fn stop(&mut self, rank: u32) -> Result<(), String> {
         let p = self
