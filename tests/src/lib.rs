@@ -18,6 +18,7 @@
 //! - Pauses are SIGSTOP/SIGCONT of the whole process: they stop its clock-driven work too,
 //!   which is what a stalled VM looks like, not what a slow disk looks like.
 
+pub mod elle;
 pub mod etcd;
 pub mod faultnet;
 pub mod lincheck;

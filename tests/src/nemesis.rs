@@ -2,7 +2,9 @@
 //!
 //! One run starts a system of engines behind [`FaultNet`](crate::faultnet::FaultNet) proxies, creates a pool, and lets
 //! `clients` tasks run reads, writes and compare-and-sets on `keys` registers (pool attributes),
-//! each call with its own deadline, recording every invocation and every return. Meanwhile a
+//! and `txn_clients` tasks run multi-key transactions that read and append to `lists` lists
+//! (pool attributes too, through `AttrTxn`), each call with its own deadline, recording every
+//! invocation and every return. Meanwhile a
 //! nemesis, driven by the run's seed, injects one fault at a time (leader-biased or random
 //! target), holds it, heals it, and waits for the service to serve a write again (the bound is
 //! [`RunConfig::liveness`]). At the end everything heals, every replica in turn leads and reads
@@ -10,6 +12,8 @@
 //!
 //! - linearizability of every register ([`crate::lincheck`]), failed mutations counting as
 //!   indeterminate;
+//! - strict serializability of the list-append transactions ([`crate::elle`]): no dependency
+//!   cycle, no lost append, no read that disagrees with another;
 //! - no acknowledged write lost: each register's final value is its last acknowledged write or
 //!   a mutation that may have landed after it;
 //! - liveness: how long clients saw no acknowledged write around each fault, by fault type;
@@ -34,13 +38,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pool_svc::{PoolRequest, PoolResponse};
+use pool_svc::{AttrOp, PoolRequest, PoolResponse};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rsvc_client::mgmt::{MgmtRequest, MgmtResponse};
 use rsvc_client::ClientConfig;
 
+use crate::elle::{self, Mop, Txn};
 use crate::lincheck::{self, Event, Op, Outcome};
 use crate::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
 use crate::{wait_for, DEADLINE};
@@ -148,6 +153,11 @@ pub struct RunConfig {
     pub clients: u32,
     /// Registers.
     pub keys: u32,
+    /// Concurrent clients running list-append transactions.
+    pub txn_clients: u32,
+    /// Lists those transactions read and append to at a time (each takes a bounded number of
+    /// appends, then a fresh one replaces it).
+    pub lists: u32,
     /// How long the workload and the nemesis run.
     pub duration: Duration,
     /// The faults to choose from.
@@ -166,13 +176,16 @@ pub struct RunConfig {
 
 impl RunConfig {
     /// A run of `engines` engines with every fault that can run here, for `duration`: 8
-    /// clients on 16 registers, 1 s per call, `--fast-timers`, a write within 15 s of a heal.
+    /// clients on 16 registers, 4 transaction clients on 8 lists, 1 s per call,
+    /// `--fast-timers`, a write within 15 s of a heal.
     pub fn new(seed: u64, engines: u32, duration: Duration, cmd: EngineCmd, dir: &Path) -> Self {
         RunConfig {
             seed,
             engines,
             clients: 8,
             keys: 16,
+            txn_clients: 4,
+            lists: 8,
             duration,
             faults: FaultKind::ALL.to_vec(),
             op_timeout: Duration::from_secs(1),
@@ -230,6 +243,10 @@ pub struct RunReport {
     pub violations: Vec<String>,
     /// Registers the checker could not decide within its budget.
     pub undecided: usize,
+    /// List-append transactions recorded (the final reads included).
+    pub txns: usize,
+    /// What the transaction checker found, one line each.
+    pub txn_anomalies: Vec<String>,
     /// Registers whose final value lost an acknowledged write.
     pub lost: Vec<String>,
     /// Liveness failures: a fault after which no write was acknowledged in time.
@@ -242,21 +259,69 @@ impl RunReport {
     /// Whether the run found nothing wrong.
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
+            && self.txn_anomalies.is_empty()
             && self.lost.is_empty()
             && self.stuck.is_empty()
             && self.faults.iter().all(|f| f.deposed != Some(true))
     }
 }
 
-/// The shared history of a run.
+/// The shared history of a run: register operations and list-append transactions, and the
+/// lists the transactions work on.
 #[derive(Default)]
 struct History {
     events: Mutex<Vec<Event>>,
+    txns: Mutex<Vec<Txn>>,
+    lists: Mutex<ListKeys>,
+}
+
+/// Appends a list takes before a fresh list replaces it (Elle's writes per key). Every append
+/// rewrites the whole list in one log entry, so unbounded lists would make entries, and the
+/// log, grow without end.
+const APPENDS_PER_LIST: u32 = 64;
+
+/// The lists in use: `active` (as many as the run's `lists`) are the ones transactions pick
+/// from; a list that took [`APPENDS_PER_LIST`] appends is replaced by a fresh one.
+#[derive(Default)]
+struct ListKeys {
+    active: Vec<u64>,
+    appends: BTreeMap<u64, u32>,
+    /// Lists ever used are `0..next`.
+    next: u64,
+}
+
+impl ListKeys {
+    fn start(&mut self, n: u32) {
+        self.active = (0..u64::from(n)).collect();
+        self.next = u64::from(n);
+    }
+
+    /// A list to read.
+    fn pick_read(&self, rng: &mut StdRng) -> String {
+        format!("l{}", self.active.choose(rng).expect("lists"))
+    }
+
+    /// A list to append to; counts the append.
+    fn pick_append(&mut self, rng: &mut StdRng) -> String {
+        let i = rng.random_range(0..self.active.len());
+        let k = self.active[i];
+        let n = self.appends.entry(k).or_default();
+        *n += 1;
+        if *n >= APPENDS_PER_LIST {
+            self.active[i] = self.next;
+            self.next += 1;
+        }
+        format!("l{k}")
+    }
 }
 
 impl History {
     fn push(&self, e: Event) {
         self.events.lock().expect("lock").push(e);
+    }
+
+    fn push_txn(&self, t: Txn) {
+        self.txns.lock().expect("lock").push(t);
     }
 
     /// The first return of an acknowledged mutation after `t`, if any (polled while waiting
@@ -285,6 +350,12 @@ impl History {
 
 /// The label of the pool a run works on.
 const POOL: &str = "regs";
+
+/// Transaction clients are numbered from here on (register clients from 1).
+const TXN_CLIENTS: u32 = 2000;
+
+/// The final reads are numbered from here on.
+const FINAL_READERS: u32 = 10_000;
 
 /// rdb's failpoint on every log commit (its fsync).
 const LOG_COMMIT: &str = "rdb::log::commit";
@@ -393,6 +464,113 @@ async fn client_loop(
     Ok(())
 }
 
+/// A list as an attribute holds it: each element in decimal, followed by a comma.
+fn parse_list(v: Option<Vec<u8>>) -> Result<Vec<u64>, String> {
+    let Some(b) = v else { return Ok(Vec::new()) };
+    let s = std::str::from_utf8(&b).map_err(|_| format!("a list holds {b:?}, not text"))?;
+    s.split_terminator(',')
+        .map(|e| e.parse().map_err(|_| format!("a list holds {s:?}, not numbers")))
+        .collect()
+}
+
+/// The `AttrTxn` that runs `mops`, the list-append transaction.
+fn attr_ops(mops: &[Mop]) -> Vec<AttrOp> {
+    mops.iter()
+        .map(|m| match m {
+            Mop::Read { key, .. } => AttrOp::Get { name: key.clone() },
+            Mop::Append { key, value } => AttrOp::Append {
+                name: key.clone(),
+                value: format!("{value},").into_bytes(),
+            },
+        })
+        .collect()
+}
+
+/// Runs `mops` as one transaction and records it: committed with what each read returned,
+/// or, if it failed and appended something, indeterminate. A failed read-only transaction
+/// observed nothing and is left out.
+async fn run_txn(
+    client: &rsvc_client::RsvcClient<pool_svc::PoolApi>,
+    id: u32,
+    mut mops: Vec<Mop>,
+    deadline: Instant,
+    t0: Instant,
+    history: &History,
+) -> Result<(), String> {
+    let now = || t0.elapsed().as_nanos() as u64;
+    let req = PoolRequest::AttrTxn { ops: attr_ops(&mops) };
+    let call = now();
+    let res = client.call_until(&req, deadline).await;
+    let ret = now();
+    match res {
+        Ok(PoolResponse::Txn { ok: true, values }) => {
+            let mut values = values.into_iter();
+            for m in &mut mops {
+                if let Mop::Read { value, .. } = m {
+                    let v = values.next().ok_or("fewer values than reads")?;
+                    *value = Some(parse_list(v)?);
+                }
+            }
+            history.push_txn(Txn {
+                client: id,
+                call,
+                ret: Some(ret),
+                ops: mops,
+            });
+        }
+        Ok(other) => {
+            return Err(format!(
+                "client {id}: unexpected answer {other:?} to a transaction"
+            ))
+        }
+        Err(_) if mops.iter().any(|m| matches!(m, Mop::Append { .. })) => history.push_txn(Txn {
+            client: id,
+            call,
+            ret: None,
+            ops: mops,
+        }),
+        Err(_) => {}
+    }
+    Ok(())
+}
+
+/// One transaction client: random transactions of one to four reads and appends on the
+/// run's lists, until `stop`. Every appended value is unique (client id and counter).
+async fn txn_loop(
+    id: u32,
+    client: rsvc_client::RsvcClient<pool_svc::PoolApi>,
+    cfg: RunConfig,
+    t0: Instant,
+    history: Arc<History>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ (u64::from(id) << 40) ^ 0x7478);
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mops = {
+            let mut lists = history.lists.lock().expect("lock");
+            (0..rng.random_range(1..=4))
+                .map(|_| {
+                    if rng.random_bool(0.5) {
+                        Mop::Read {
+                            key: lists.pick_read(&mut rng),
+                            value: None,
+                        }
+                    } else {
+                        n += 1;
+                        Mop::Append {
+                            key: lists.pick_append(&mut rng),
+                            value: (u64::from(id) << 32) | n,
+                        }
+                    }
+                })
+                .collect()
+        };
+        run_txn(&client, id, mops, Instant::now() + cfg.op_timeout, t0, &history).await?;
+    }
+    Ok(())
+}
+
 /// A client that knows only one replica (the isolated one), for the length of a fault: it
 /// shows that an isolated old leader refuses what it can no longer serve.
 struct Pinned<'a> {
@@ -403,38 +581,46 @@ struct Pinned<'a> {
     history: &'a Arc<History>,
 }
 
-/// A running [`Pinned`] client.
+/// A running [`Pinned`] client: one task on registers, one on list transactions.
 struct PinnedRun {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 impl Pinned<'_> {
     fn start(self, sys: &RsvcSystem, rank: u32) -> PinnedRun {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = sys
-            .pool_pinned(POOL, rank, self.client_cfg.clone())
-            .map(|client| {
-                tokio::spawn(client_loop(
-                    self.id,
-                    client,
-                    self.cfg.clone(),
-                    self.t0,
-                    self.history.clone(),
-                    stop.clone(),
-                ))
-            });
-        PinnedRun { stop, task }
+        let mut tasks = Vec::new();
+        let pinned = || sys.pool_pinned(POOL, rank, self.client_cfg.clone());
+        if let (Some(client), Some(txn_client)) = (pinned(), pinned()) {
+            tasks.push(tokio::spawn(client_loop(
+                self.id,
+                client,
+                self.cfg.clone(),
+                self.t0,
+                self.history.clone(),
+                stop.clone(),
+            )));
+            tasks.push(tokio::spawn(txn_loop(
+                TXN_CLIENTS + self.id,
+                txn_client,
+                self.cfg.clone(),
+                self.t0,
+                self.history.clone(),
+                stop.clone(),
+            )));
+        }
+        PinnedRun { stop, tasks }
     }
 }
 
 impl PinnedRun {
     async fn stop(self) -> Result<(), String> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        match self.task {
-            Some(t) => t.await.map_err(|e| e.to_string())?,
-            None => Ok(()),
+        for t in self.tasks {
+            t.await.map_err(|e| e.to_string())??;
         }
+        Ok(())
     }
 }
 
@@ -885,6 +1071,31 @@ impl Run<'_> {
                 },
             )
             .await?;
+            // Every list ever used, in read-only transactions of up to 256 lists: an
+            // acknowledged append missing here was lost.
+            let used = self.history.lists.lock().expect("lock").next;
+            for chunk in (0..used).collect::<Vec<_>>().chunks(256) {
+                let lists = chunk
+                    .iter()
+                    .map(|k| Mop::Read {
+                        key: format!("l{k}"),
+                        value: None,
+                    })
+                    .collect();
+                let before = self.history.txns.lock().expect("lock").len();
+                run_txn(
+                    &reader,
+                    FINAL_READERS + i as u32,
+                    lists,
+                    Instant::now() + DEADLINE,
+                    self.t0,
+                    &self.history,
+                )
+                .await?;
+                if self.history.txns.lock().expect("lock").len() == before {
+                    return Err(format!("final read of the lists on rank {rank} failed"));
+                }
+            }
             for k in 0..self.cfg.keys {
                 let key = format!("r{k}");
                 let call = self.now();
@@ -893,7 +1104,7 @@ impl Run<'_> {
                     other => return Err(format!("final read of {key} on rank {rank}: {other:?}")),
                 };
                 self.history.push(Event {
-                    client: 10_000 + i as u32,
+                    client: FINAL_READERS + i as u32,
                     key: key.clone(),
                     call,
                     ret: Some(self.now()),
@@ -972,11 +1183,22 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
         election: Duration::from_millis(cfg.timers.election_max_ms),
         unrepaired: Vec::new(),
     };
+    run.history.lists.lock().expect("lock").start(cfg.lists);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for id in 1..=cfg.clients {
         clients.push(tokio::spawn(client_loop(
             id,
+            run.sys.pool(POOL, run.client_cfg.clone()),
+            cfg.clone(),
+            run.t0,
+            run.history.clone(),
+            stop.clone(),
+        )));
+    }
+    for i in 1..=cfg.txn_clients {
+        clients.push(tokio::spawn(txn_loop(
+            TXN_CLIENTS + i,
             run.sys.pool(POOL, run.client_cfg.clone()),
             cfg.clone(),
             run.t0,
@@ -991,7 +1213,10 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
     }
     let final_values = run.final_reads().await?;
     let events = run.history.events.lock().expect("lock").clone();
-    let report = check_run(&cfg, &dir, &run.history, &events, records, stuck, &final_values);
+    let txns = run.history.txns.lock().expect("lock").clone();
+    let mut report = check_run(&cfg, &dir, &run.history, &events, records, stuck, &final_values);
+    report.txns = txns.len();
+    report.txn_anomalies = elle::check(&txns).iter().map(ToString::to_string).collect();
     drop(run);
     drop(mounts);
     if report.passed() {
@@ -1002,6 +1227,11 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
             let _ = writeln!(dump, "{e:?}");
         }
         let _ = std::fs::write(dir.join("history.txt"), dump);
+        let mut dump = String::new();
+        for (i, t) in txns.iter().enumerate() {
+            let _ = writeln!(dump, "T{i} {t:?}");
+        }
+        let _ = std::fs::write(dir.join("txns.txt"), dump);
     }
     Ok(report)
 }
@@ -1037,6 +1267,8 @@ fn check_run(
         faults: records,
         violations,
         undecided,
+        txns: 0,
+        txn_anomalies: Vec::new(),
         lost: lost_writes(events, final_values),
         stuck,
         dir: dir.to_path_buf(),
@@ -1178,10 +1410,13 @@ pub fn table(reports: &[RunReport]) -> String {
     let lost: usize = reports.iter().map(|r| r.lost.len()).sum();
     let stuck: usize = reports.iter().map(|r| r.stuck.len()).sum();
     let undecided: usize = reports.iter().map(|r| r.undecided).sum();
+    let txns: usize = reports.iter().map(|r| r.txns).sum();
+    let anomalies: usize = reports.iter().map(|r| r.txn_anomalies.len()).sum();
     let _ = writeln!(
         s,
         "runs {runs}, operations {ops} ({acked} acknowledged, {ind} indeterminate), \
-         violations {viol}, lost writes {lost}, liveness failures {stuck}, undecided registers {undecided}"
+         violations {viol}, lost writes {lost}, liveness failures {stuck}, undecided registers {undecided}, \
+         transactions {txns}, transaction anomalies {anomalies}"
     );
     let _ = writeln!(
         s,

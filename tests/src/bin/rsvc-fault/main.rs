@@ -124,10 +124,12 @@ async fn suite(cli: Cli) -> Result<(), String> {
         let (seed, engines) = (cfg.seed, cfg.engines);
         let r = nemesis::run(cfg).await?;
         println!(
-            "seed {seed} ({engines} engines): {} ops, {} faults, {} violations, {} lost, {} stuck{}",
+            "seed {seed} ({engines} engines): {} ops, {} txns, {} faults, {} violations, {} txn anomalies, {} lost, {} stuck{}",
             r.ops,
+            r.txns,
             r.faults.len(),
             r.violations.len(),
+            r.txn_anomalies.len(),
             r.lost.len(),
             r.stuck.len(),
             if r.passed() {
@@ -136,7 +138,13 @@ async fn suite(cli: Cli) -> Result<(), String> {
                 format!("  FAILED, kept in {}", r.dir.display())
             }
         );
-        for v in r.violations.iter().chain(&r.lost).chain(&r.stuck) {
+        for v in r
+            .violations
+            .iter()
+            .chain(&r.txn_anomalies)
+            .chain(&r.lost)
+            .chain(&r.stuck)
+        {
             println!("  {v}");
         }
         for f in r.faults.iter().filter(|f| f.deposed == Some(true)) {
