@@ -16,6 +16,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+/// How many times a seed runs before a harness error skips it.
+const HARNESS_ATTEMPTS: u32 = 3;
 use rsvc_tests::nemesis::{self, FaultKind, RunConfig};
 use rsvc_tests::rsvc::{EngineCmd as Program, Timers};
 
@@ -120,9 +123,28 @@ async fn suite(cli: Cli) -> Result<(), String> {
             .collect()
     };
     let mut reports = Vec::new();
+    let mut harness_errors = Vec::new();
     for cfg in runs {
         let (seed, engines) = (cfg.seed, cfg.engines);
-        let r = nemesis::run(cfg).await?;
+        // A harness error (a system that would not start: a port taken between the harness
+        // choosing it and the engine binding it) is not a finding: try the seed again, and
+        // go on with the batch if it keeps failing.
+        let mut attempt = 0;
+        let r = loop {
+            attempt += 1;
+            match nemesis::run(cfg.clone()).await {
+                Ok(r) => break Some(r),
+                Err(e) if attempt < HARNESS_ATTEMPTS => {
+                    println!("seed {seed}: harness error ({e}); running it again");
+                }
+                Err(e) => {
+                    println!("seed {seed}: harness error ({e}); skipped");
+                    harness_errors.push(seed);
+                    break None;
+                }
+            }
+        };
+        let Some(r) = r else { continue };
         println!(
             "seed {seed} ({engines} engines): {} ops, {} txns, {} faults, {} violations, {} txn anomalies, {} lost, {} stuck{}",
             r.ops,
@@ -154,8 +176,13 @@ async fn suite(cli: Cli) -> Result<(), String> {
     }
     println!("\n{}", nemesis::table(&reports));
     let failed: Vec<u64> = reports.iter().filter(|r| !r.passed()).map(|r| r.seed).collect();
-    if failed.is_empty() {
+    if !harness_errors.is_empty() {
+        println!("seeds skipped after harness errors: {harness_errors:?}");
+    }
+    if failed.is_empty() && harness_errors.is_empty() {
         Ok(())
+    } else if failed.is_empty() {
+        Err(format!("harness errors on seeds {harness_errors:?}"))
     } else {
         Err(format!("failing seeds: {failed:?}"))
     }
