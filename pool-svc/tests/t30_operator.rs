@@ -447,3 +447,44 @@ async fn a_pool_client_needs_no_management_leader_once_it_knows_its_replicas() {
         "no lookup through the management service, which was electing a leader"
     );
 }
+
+/// A dead peer is logged once, not per heartbeat: openraft's workers warn on every failed
+/// attempt (about 40 lines a second for one dead engine), so the engines keep them at ERROR and
+/// rdb says once that a peer stopped answering, and once that it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_is_logged_once_and_not_per_heartbeat() {
+    let mut sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    let logs: Vec<_> = (1..=2).map(|r| sys.rsvc.log(r)).collect();
+    let warnings = |rank: u32| {
+        std::fs::read_to_string(&logs[rank as usize - 1])
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before: usize = (1..=2).map(|r| warnings(r).len()).sum();
+    sys.rsvc.kill(3).await.unwrap();
+    // Writes go on through the two survivors; each takes several heartbeat intervals, during
+    // which the leaders keep trying rank 3.
+    for i in 0..30 {
+        sys.json(
+            POOL_SVC,
+            &["pool", "set-attr", "--label", "tank", &format!("k{i}"), "v", "--json"],
+        );
+    }
+    let after: Vec<String> = (1..=2).flat_map(warnings).collect();
+    let new = after.len() - before;
+    // One line per group (management and pool) that rank 3 was a peer in, on its leader;
+    // a little slack for a survivor that timed out once on this shared machine.
+    assert!(new <= 4, "{new} new warnings with one dead peer:\n{}", after.join("\n"));
+    assert!(
+        after.iter().any(|l| l.contains("peer does not answer")),
+        "the dead peer is not reported at all:\n{}",
+        after.join("\n")
+    );
+}

@@ -122,6 +122,36 @@ pub(crate) struct NetFactory {
     pub append_timeout: Duration,
     /// Where the followers' free-space reports go (see [`crate::admission`]).
     pub reports: Arc<SpaceReports>,
+    /// Which peers answer, shared by every connection of this replica.
+    pub reach: Arc<Reachability>,
+}
+
+/// Whether each peer answered its last message, shared by all of a replica's connections, so
+/// that a peer that stops answering is logged once when it stops and once when it is back.
+///
+/// NB: openraft logs a WARN for every failed heartbeat and replication attempt, about 40 lines a
+/// second for one dead peer with the default timers; the engines' log filter keeps those
+/// modules at ERROR, and this is the line an operator reads instead.
+#[derive(Default)]
+pub(crate) struct Reachability(Mutex<HashMap<NodeId, std::time::Instant>>);
+
+impl Reachability {
+    fn answered(&self, db: DbId, peer: NodeId) {
+        let since = self.0.lock().expect("lock").remove(&peer);
+        if let Some(since) = since {
+            tracing::info!(db = %db, peer = %ReplicaId::from_node_id(peer),
+                silent_ms = since.elapsed().as_millis() as u64, "peer answers again");
+        }
+    }
+
+    fn failed(&self, db: DbId, peer: NodeId, cause: &dyn std::fmt::Display) {
+        let mut m = self.0.lock().expect("lock");
+        if let std::collections::hash_map::Entry::Vacant(v) = m.entry(peer) {
+            v.insert(std::time::Instant::now());
+            tracing::warn!(db = %db, peer = %ReplicaId::from_node_id(peer), %cause,
+                "peer does not answer; retrying quietly until it does");
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetFactory {
@@ -138,6 +168,7 @@ impl RaftNetworkFactory<TypeConfig> for NetFactory {
             chunk_timeout: self.chunk_timeout,
             append_timeout: self.append_timeout,
             reports: self.reports.clone(),
+            reach: self.reach.clone(),
         }
     }
 }
@@ -152,6 +183,7 @@ pub(crate) struct PeerConn {
     chunk_timeout: Duration,
     append_timeout: Duration,
     reports: Arc<SpaceReports>,
+    reach: Arc<Reachability>,
 }
 
 /// What a follower answers to AppendEntries: openraft's reply, and its free space for the
@@ -175,11 +207,23 @@ impl PeerConn {
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         let res: Reply<Resp> = self.call_raw(kind, req, timeout).await?;
-        res.map_err(|e| self.remote_failure(e))
+        self.answer(res)
+    }
+
+    /// The peer's answer: it answered (logged if it had not), or its raft could not.
+    fn answer<T>(&self, res: Reply<T>) -> Result<T, RPCError<TypeConfig>> {
+        match res {
+            Ok(v) => {
+                self.reach.answered(self.db, self.target);
+                Ok(v)
+            }
+            Err(e) => Err(self.remote_failure(e)),
+        }
     }
 
     /// A failure on the far side: reported to openraft as the peer being unreachable.
     fn remote_failure(&self, e: String) -> RPCError<TypeConfig> {
+        self.reach.failed(self.db, self.target, &e);
         RPCError::Unreachable(Unreachable::from_string(format!("{}: {e}", self.member.replica)))
     }
 
@@ -199,11 +243,13 @@ impl PeerConn {
             kind,
             payload,
         };
-        let reply = self
-            .transport
-            .call(&self.member.addr, rpc, timeout)
-            .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let reply = match self.transport.call(&self.member.addr, rpc, timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.reach.failed(self.db, self.target, &e);
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+        };
         codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
@@ -260,7 +306,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConn {
         if let Some(space) = space {
             self.reports.record(self.target, space);
         }
-        reply.map_err(|e| self.remote_failure(e))
+        self.answer(reply)
     }
 
     async fn vote(

@@ -306,7 +306,13 @@ pub enum Logging {
 }
 
 /// The filter an engine logs with unless `RUST_LOG` says otherwise.
-pub const SERVE_FILTER: &str = "info,openraft=warn,h2=warn,tower=warn,hyper=warn";
+///
+/// NB: openraft's heartbeat and replication workers log a WARN for every failed attempt to
+/// reach a peer, tens of lines a second for one dead engine; they stay at ERROR here, and rdb
+/// logs each peer that stops or starts answering once instead.
+pub const SERVE_FILTER: &str = "info,openraft=warn,openraft::core::heartbeat=error,\
+     openraft::replication=error,openraft::engine::handler::replication_handler=error,\
+     h2=warn,tower=warn,hyper=warn";
 
 /// Sets up logging to stderr with `default` as the filter unless `RUST_LOG` is set. Colour
 /// codes only when stderr is a terminal and `NO_COLOR` is unset, so that `serve 2>file`

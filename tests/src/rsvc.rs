@@ -262,7 +262,8 @@ impl RsvcSystem {
         let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
         let mut cmd = Command::new(&self.cmd.program);
         cmd.args(&self.cmd.prefix).arg("--config").arg(&e.config);
-        cmd.env("RUST_LOG", "info,openraft=warn,h2=warn,tower=warn,hyper=warn");
+        // The engine's own default filter, as an operator's engine logs.
+        cmd.env_remove("RUST_LOG");
         cmd.env_remove("RSVC_ACCESS_POINTS");
         e.proc = Some(Proc::spawn(cmd, &log)?);
         e.paused = false;

@@ -230,6 +230,7 @@ impl Db {
             chunk_timeout: opts.config.snapshot_chunk_timeout,
             append_timeout: opts.config.append_timeout,
             reports: admission.reports.clone(),
+            reach: Default::default(),
         };
         let sm = files.sm.clone();
         let weak_files = vec![files.log.weak(), files.sm.weak()];
