@@ -325,3 +325,15 @@ impl<'a> ContClient<'a> {
 pub fn is_cont_error(e: &Error, c: &ContError) -> bool {
     matches!(e, ClientError::Service(PoolError::Cont(x)) if x == c)
 }
+
+/// The exit code a command-line tool gives a pool (or container) error: a missing container
+/// or snapshot is [`exit::NOT_FOUND`](rsvc_server::cli::exit::NOT_FOUND), a bad argument
+/// `USAGE`, anything else the service refused `REFUSED`.
+pub fn pool_code(e: &PoolError) -> u8 {
+    use rsvc_server::cli::exit;
+    match e {
+        PoolError::Invalid(_) | PoolError::Cont(ContError::Invalid(_)) => exit::USAGE,
+        PoolError::Cont(ContError::NotFound(_) | ContError::NoSnapshot(_)) => exit::NOT_FOUND,
+        _ => exit::REFUSED,
+    }
+}

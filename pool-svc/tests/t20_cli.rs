@@ -47,10 +47,18 @@ async fn pool_and_container_commands() {
         .unwrap()
         .iter()
         .any(|i| i["label"] == "tank"));
+    // The management service is listed first, with its replicas, leader and term.
+    let m = &status["instances"][0];
+    assert_eq!(m["class"], "mgmt", "{status}");
+    assert_eq!(m["replicas"].as_array().unwrap().len(), 3, "{m}");
+    assert!(
+        m["leader"].as_u64().is_some() && m["term"].as_u64().is_some(),
+        "{m}"
+    );
 
     // Clear errors and exit codes.
     let unknown = sys.run(POOL_SVC, &["pool", "query", "--label", "nope"]);
-    assert_eq!(unknown.status.code(), Some(1), "unknown pool exits 1");
+    assert_eq!(unknown.status.code(), Some(5), "unknown pool exits 5");
     assert!(
         String::from_utf8_lossy(&unknown.stderr).contains("does not exist"),
         "{}",
@@ -82,6 +90,81 @@ async fn pool_and_container_commands() {
 
     let destroyed = sys.json(POOL_SVC, &["pool", "destroy", "--label", "tank", "--json"]);
     assert_eq!(destroyed["destroyed"], "tank");
+}
+
+/// With `--json`, a failed command prints its error as JSON on stdout, names it by code, and
+/// exits with the code the docs list: 1 refused, 2 usage, 3 unreachable, 5 not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_come_out_as_json_with_their_exit_codes() {
+    let sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    sys.json(CONT_SVC, &["--pool", "tank", "create", "c1", "--json"]);
+    let error = |out: std::process::Output, exit: i32, code: &str| {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(exit), "{stdout}");
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert_eq!(v["error"]["exit"], exit, "{v}");
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    let m = error(
+        sys.run(POOL_SVC, &["pool", "query", "--label", "nope", "--json"]),
+        5,
+        "not_found",
+    );
+    assert!(m.contains("pool \"nope\" does not exist"), "{m}");
+    let m = error(
+        sys.run(
+            POOL_SVC,
+            &["pool", "get-attr", "--label", "tank", "nosuch", "--json"],
+        ),
+        5,
+        "not_found",
+    );
+    assert!(m.contains("no attribute \"nosuch\""), "{m}");
+    error(
+        sys.run(CONT_SVC, &["--pool", "tank", "query", "nosuch", "--json"]),
+        5,
+        "not_found",
+    );
+    let m = error(
+        sys.run(POOL_SVC, &["pool", "create", "--label", "tank", "--json"]),
+        1,
+        "refused",
+    );
+    assert!(m.contains("exists"), "{m}");
+    // A usage error found by the parser, before anything is sent.
+    let m = error(
+        Command::new(POOL_SVC)
+            .args(["pool", "create", "--json"])
+            .output()
+            .unwrap(),
+        2,
+        "usage",
+    );
+    assert!(m.contains("--label"), "{m}");
+    error(
+        Command::new(POOL_SVC)
+            .args([
+                "pool",
+                "list",
+                "--access-point",
+                "1@127.0.0.1:1",
+                "--timeout",
+                "0.5",
+                "--json",
+            ])
+            .env_remove("RSVC_ACCESS_POINTS")
+            .output()
+            .unwrap(),
+        3,
+        "unreachable",
+    );
 }
 
 #[test]

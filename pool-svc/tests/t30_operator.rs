@@ -193,8 +193,8 @@ async fn failed_container_commands_close_what_they_opened() {
     );
     sys.json(CONT_SVC, &["--pool", "tank", "create", "scratch", "--json"]);
     for _ in 0..3 {
-        sys.fails(CONT_SVC, &["--pool", "tank", "query", "nosuch"], 1);
-        sys.fails(CONT_SVC, &["--pool", "tank", "get-attr", "scratch", "nosuch"], 1);
+        sys.fails(CONT_SVC, &["--pool", "tank", "query", "nosuch"], 5);
+        sys.fails(CONT_SVC, &["--pool", "tank", "get-attr", "scratch", "nosuch"], 5);
     }
     let bad_prop = sys.fails(
         CONT_SVC,
@@ -278,7 +278,7 @@ async fn transfer_to_the_leader_succeeds_and_bad_labels_are_usage_errors() {
         let e = sys.fails(POOL_SVC, &["pool", "create", "--label", bad], 2);
         assert!(e.contains("is not a label"), "{e}");
     }
-    let gone = sys.fails(POOL_SVC, &["pool", "query", "--label", "nosuch"], 1);
+    let gone = sys.fails(POOL_SVC, &["pool", "query", "--label", "nosuch"], 5);
     assert!(gone.contains("pool \"nosuch\" does not exist"), "{gone}");
 }
 
@@ -474,14 +474,26 @@ async fn a_dead_peer_is_logged_once_and_not_per_heartbeat() {
     for i in 0..30 {
         sys.json(
             POOL_SVC,
-            &["pool", "set-attr", "--label", "tank", &format!("k{i}"), "v", "--json"],
+            &[
+                "pool",
+                "set-attr",
+                "--label",
+                "tank",
+                &format!("k{i}"),
+                "v",
+                "--json",
+            ],
         );
     }
     let after: Vec<String> = (1..=2).flat_map(warnings).collect();
     let new = after.len() - before;
     // One line per group (management and pool) that rank 3 was a peer in, on its leader;
     // a little slack for a survivor that timed out once on this shared machine.
-    assert!(new <= 4, "{new} new warnings with one dead peer:\n{}", after.join("\n"));
+    assert!(
+        new <= 4,
+        "{new} new warnings with one dead peer:\n{}",
+        after.join("\n")
+    );
     assert!(
         after.iter().any(|l| l.contains("peer does not answer")),
         "the dead peer is not reported at all:\n{}",

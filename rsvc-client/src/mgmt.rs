@@ -97,6 +97,10 @@ pub enum MgmtRequest {
     Locate { class: String, label: String },
     /// Every instance, optionally of one class.
     ListInstances { class: Option<String> },
+    /// The management service itself, as an instance: its replicas (the access points that
+    /// host it, with their addresses from the system map), their generations and its database
+    /// id. Answers [`MgmtResponse::Instance`].
+    DescribeSelf,
 }
 
 /// Answers of the management service.

@@ -198,6 +198,21 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// Out of space.
     pub const NO_SPACE: u8 = 4;
+    /// What the command names does not exist: a pool, a container, an attribute, a snapshot.
+    pub const NOT_FOUND: u8 = 5;
+
+    /// The name of an exit code in JSON errors (`"code"`).
+    pub fn name(code: u8) -> &'static str {
+        match code {
+            0 => "ok",
+            REFUSED => "refused",
+            USAGE => "usage",
+            UNREACHABLE => "unreachable",
+            NO_SPACE => "no_space",
+            NOT_FOUND => "not_found",
+            _ => "failed",
+        }
+    }
 }
 
 /// A failed client call as `(exit code, message)`. `service` gives the code of the service's
@@ -209,7 +224,8 @@ pub fn failure<E: std::fmt::Display + std::fmt::Debug>(
     use rsvc_client::{ClientError, WireError};
     let code = match &e {
         ClientError::Service(inner) => service(inner),
-        ClientError::NotFound(_) | ClientError::Wire(WireError::NoHandle | WireError::Stale) => exit::REFUSED,
+        ClientError::NotFound(_) => exit::NOT_FOUND,
+        ClientError::Wire(WireError::NoHandle | WireError::Stale) => exit::REFUSED,
         ClientError::Wire(WireError::NoSpace) => exit::NO_SPACE,
         ClientError::Wire(WireError::Invalid(_)) | ClientError::Codec(_) => exit::USAGE,
         ClientError::Deadline { .. } | ClientError::NoReplicas { .. } | ClientError::Wire(_) => {
@@ -229,6 +245,7 @@ pub fn mgmt_code(e: &rsvc_client::mgmt::MgmtError) -> u8 {
     use rsvc_client::mgmt::MgmtError;
     match e {
         MgmtError::Invalid(_) => exit::USAGE,
+        MgmtError::NotFound(_) => exit::NOT_FOUND,
         _ => exit::REFUSED,
     }
 }
@@ -342,8 +359,58 @@ pub fn init_file_logging(file: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether the command line asks for JSON output (`--json` before any `--`).
+///
+/// NB: read from the raw arguments, not the parsed ones, so that an error found while parsing
+/// them (or in any command) comes out as JSON too.
+pub fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Prints a failed command's error: `<name>: msg` on stderr, or, with `--json`,
+/// `{"error": {"code": "not_found", "exit": 5, "message": ...}}` on stdout (the exit code
+/// is the same either way).
+pub fn print_error(name: &str, code: u8, msg: &str) {
+    if json_requested() {
+        let e = serde_json::json!({ "error": { "code": exit::name(code), "exit": code, "message": msg } });
+        println!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+    } else {
+        eprintln!("{name}: {msg}");
+    }
+}
+
+/// Parses the command line as `C`. Help and version print as clap prints them; any other
+/// error is a usage error (exit 2), printed as JSON when `--json` was given.
+pub fn parse_args<C: clap::Parser>(name: &str) -> Result<C, std::process::ExitCode> {
+    match C::try_parse() {
+        Ok(c) => Ok(c),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(e) if json_requested() => {
+            // clap's first paragraph says what was wrong; the rest is usage and a hint.
+            let text = e.to_string();
+            let what: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            print_error(name, exit::USAGE, what.join(" ").trim_start_matches("error: "));
+            Err(std::process::ExitCode::from(exit::USAGE))
+        }
+        Err(e) => {
+            let _ = e.print();
+            Err(std::process::ExitCode::from(exit::USAGE))
+        }
+    }
+}
+
 /// Runs a binary's async `main` on a fresh runtime with `logging` set up; an error
-/// `(code, msg)` is printed as `<name>: msg` and becomes the exit code.
+/// `(code, msg)` is printed by [`print_error`] and becomes the exit code.
 pub fn run_main<F>(name: &str, logging: Logging, main: F) -> std::process::ExitCode
 where
     F: std::future::Future<Output = Result<(), (u8, String)>>,
@@ -363,7 +430,7 @@ where
     match rt.block_on(main) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err((code, msg)) => {
-            eprintln!("{name}: {msg}");
+            print_error(name, code, &msg);
             std::process::ExitCode::from(code)
         }
     }

@@ -818,6 +818,25 @@ impl ReplicatedService for Mgmt {
                 }
                 Ok(MgmtResponse::Instances(out))
             }
+            MgmtRequest::DescribeSelf => {
+                let ranks = MgmtInner::up_ranks(&mut ctx.tx).await?;
+                let mut voters = ctx.db.status().voters;
+                voters.sort();
+                let addr = |rank: u32| {
+                    ranks
+                        .iter()
+                        .find(|r| r.rank == rank)
+                        .map(|r| r.addr.clone())
+                        .unwrap_or_default()
+                };
+                Ok(MgmtResponse::Instance(InstanceInfo {
+                    class: MGMT_CLASS.into(),
+                    label: MGMT_INSTANCE.into(),
+                    db: ctx.db.ident().db.0,
+                    replicas: voters.iter().map(|v| (v.rank, addr(v.rank))).collect(),
+                    gens: voters.iter().map(|v| (v.rank, v.gen)).collect(),
+                }))
+            }
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use cont_svc::{ContInfo, ContRequest, ContResponse};
+use pool_svc::client::pool_code;
 use pool_svc::{ContClient, PoolClient, PoolError};
 use rsvc_client::mgmt::MgmtLocator;
 use rsvc_client::ClientError;
@@ -105,10 +106,7 @@ fn parse_prop(p: &str) -> Result<(String, String), String> {
 type Fail = (u8, String);
 
 fn fail(e: ClientError<PoolError>) -> Fail {
-    failure(e, |e| match e {
-        PoolError::Invalid(_) => exit::USAGE,
-        _ => exit::REFUSED,
-    })
+    failure(e, pool_code)
 }
 
 const HEADER: &str = "LABEL                STATE       HANDLES SNAPSHOTS   NEXT OID";
@@ -242,7 +240,7 @@ async fn command(pool: &PoolClient, cmd: Cmd) -> Result<Out, Fail> {
             }
             ContResponse::Attr(None) => {
                 return Err((
-                    exit::REFUSED,
+                    exit::NOT_FOUND,
                     format!("container {label} has no attribute {name:?}"),
                 ))
             }
@@ -289,6 +287,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match rsvc_server::cli::parse_args("cont-svc") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     rsvc_server::cli::run_main("cont-svc", Logging::Command, run(cli))
 }

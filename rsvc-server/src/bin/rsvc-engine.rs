@@ -219,7 +219,10 @@ async fn run(cli: Cli) -> Result<(), Fail> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match rsvc_server::cli::parse_args("rsvc-engine") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let logging = match cli.cmd {
         Cmd::Serve(_) => Logging::Serve,
         _ => Logging::Command,

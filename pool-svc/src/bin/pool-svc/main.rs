@@ -1,14 +1,16 @@
 //! `pool-svc`: run engines hosting the management and pool services, administer pools, and
 //! watch a failover (`pool-svc demo`).
 //!
-//! Exit codes: 0 success, 1 the service refused (unknown pool, exists, no handle, ...),
-//! 2 bad usage or configuration, 3 nothing reachable within the deadline, 4 out of space.
+//! Exit codes: 0 success, 1 the service refused (exists, no handle, ...), 2 bad usage or
+//! configuration, 3 nothing reachable within the deadline, 4 out of space, 5 no such pool,
+//! container, attribute or snapshot. With `--json`, errors print as JSON on stdout too.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use pool_svc::client::pool_code;
 use pool_svc::{PoolApi, PoolClient, PoolError, PoolRequest, PoolResponse};
 use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtError, MgmtLocator, MgmtRequest, MgmtResponse};
 use rsvc_client::{ClientError, Connections, RsvcClient};
@@ -189,10 +191,7 @@ impl From<ClientError<MgmtError>> for Fail {
 
 impl From<ClientError<PoolError>> for Fail {
     fn from(e: ClientError<PoolError>) -> Self {
-        let (c, m) = failure(e, |e| match e {
-            PoolError::Invalid(_) => exit::USAGE,
-            _ => exit::REFUSED,
-        });
+        let (c, m) = failure(e, pool_code);
         Fail(c, m)
     }
 }
@@ -294,10 +293,16 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             let MgmtResponse::Map(ranks) = m.call(&MgmtRequest::SystemMap).await? else {
                 return Err(Fail(2, "unexpected answer".into()));
             };
-            let MgmtResponse::Instances(insts) = m.call(&MgmtRequest::ListInstances { class: None }).await?
+            let MgmtResponse::Instances(mut insts) =
+                m.call(&MgmtRequest::ListInstances { class: None }).await?
             else {
                 return Err(Fail(2, "unexpected answer".into()));
             };
+            // The management service first: it is an instance too, with replicas and a leader.
+            let MgmtResponse::Instance(me) = m.call(&MgmtRequest::DescribeSelf).await? else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            insts.insert(0, me);
             let mut leaders = Vec::new();
             for i in &insts {
                 leaders.push(leader_of(i).await);
@@ -488,8 +493,8 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
                 Some(v) => println!("{}", String::from_utf8_lossy(&v)),
                 None => {
                     return Err(Fail(
-                        exit::REFUSED,
-                        format!("pool {label} has no attribute {name:?}"),
+                        exit::NOT_FOUND,
+                        format!("pool {label:?} has no attribute {name:?}"),
                     ))
                 }
             }
@@ -528,7 +533,10 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match rsvc_server::cli::parse_args("pool-svc") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let logging = match cli.cmd {
         Cmd::Serve(_) => Logging::Serve,
         // The demo tells its own story on stdout and logs into its directory.
