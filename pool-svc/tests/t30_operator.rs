@@ -500,3 +500,59 @@ async fn a_dead_peer_is_logged_once_and_not_per_heartbeat() {
         after.join("\n")
     );
 }
+
+/// `replicas status` asks each engine for its replica's own report (the typed `Status` call,
+/// not `/metrics`): one leader that serves, one term, no lag once writes settle, and an engine
+/// that died shown as down while the others still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_status_shows_roles_lag_and_a_dead_engine() {
+    let mut sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    sys.json(
+        POOL_SVC,
+        &["pool", "set-attr", "--label", "tank", "k", "v", "--json"],
+    );
+    fn status(sys: &System, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["replicas", "status", "--label", "tank", "--json"];
+        args.extend_from_slice(extra);
+        sys.json(POOL_SVC, &args).as_array().unwrap().clone()
+    }
+    let rows = sys.wait_for("every replica caught up", || {
+        let rows = status(&sys, &[]);
+        rows.iter().all(|r| r["lag"] == 0).then_some(rows)
+    });
+    assert_eq!(rows.len(), 3);
+    let leaders: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["serving"] == true)
+        .map(|r| r["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(leaders.len(), 1, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["term"], rows[0]["term"], "{rows:?}");
+        assert_eq!(r["voters"], serde_json::json!([1, 2, 3]), "{r}");
+        assert_eq!(r["leader"].as_u64(), Some(leaders[0]), "{r}");
+        assert!(r["log_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["state"], "up", "{r}");
+    }
+    let one = status(&sys, &["--rank", &leaders[0].to_string()]);
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0]["role"], "leader");
+
+    let victim = (1..=3u64).find(|r| *r != leaders[0]).unwrap();
+    sys.rsvc.kill(victim as u32).await.unwrap();
+    let rows = status(&sys, &["--timeout", "2"]);
+    for r in &rows {
+        let want = if r["rank"] == victim { "down" } else { "up" };
+        assert_eq!(r["state"], want, "{rows:?}");
+    }
+    let text = sys.run(
+        POOL_SVC,
+        &["replicas", "status", "--label", "tank", "--timeout", "2"],
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("leader*") && text.contains("down"), "{text}");
+}

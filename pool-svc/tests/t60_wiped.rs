@@ -13,11 +13,7 @@ use rsvc_client::mgmt::{MGMT_CLASS, MGMT_INSTANCE};
 /// Kills `rank`, wipes its data directory and starts it again; returns how far each of its
 /// replicas had applied before, by (class, instance).
 async fn wipe_and_restart(sys: &mut System, rank: u32) -> BTreeMap<(String, String), u64> {
-    let before = sys
-        .rsvc
-        .replica_metric(rank, "rsvc_replica_applied_index")
-        .await
-        .unwrap();
+    let before = sys.rsvc.applied(rank).await.unwrap();
     sys.rsvc.kill(rank).await.unwrap();
     sys.rsvc.wipe(rank).unwrap();
     sys.rsvc.restart(rank).await.unwrap();
@@ -85,4 +81,31 @@ async fn a_wiped_first_access_point_joins_the_system_instead_of_founding_another
     // And it knows the pool created before the wipe.
     let list = sys.json(POOL_SVC, &["pool", "list", "--json"]);
     assert!(list.to_string().contains("tank"), "{list}");
+}
+
+/// `pool create` returned as soon as one replica had initialized the group: the membership was
+/// in that replica's log alone, and wiping its engine right away lost an acknowledged pool for
+/// good (the other two stayed empty learners; found by the wipe test above). Now a create
+/// returns only once the group's first entry is committed, so a quorum knows the membership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_pool_is_on_a_quorum_when_create_returns() {
+    let sys = System::start(3).await;
+    for label in ["p1", "p2", "p3", "p4"] {
+        sys.json(
+            POOL_SVC,
+            &["pool", "create", "--label", label, "--replicas", "3", "--json"],
+        );
+        let key = ("pool".to_string(), label.to_string());
+        let mut members = 0;
+        for rank in 1..=3 {
+            let s = sys.rsvc.status(rank).await.unwrap();
+            if s[&key].voters == [1, 2, 3] {
+                members += 1;
+            }
+        }
+        assert!(
+            members >= 2,
+            "pool {label}: only {members} replica(s) know the group"
+        );
+    }
 }

@@ -36,9 +36,11 @@ pub mod client;
 pub mod error;
 pub mod leader;
 pub mod mgmt;
+pub mod status;
 pub mod wire;
 
 pub use api::ServiceApi;
 pub use client::{ClientConfig, Connections, LocateError, Locator, Replicas, RsvcClient, StaticLocator};
 pub use error::{ClientError, WireError};
 pub use leader::{Hint, ReplicaSet};
+pub use status::{replica_status, ReplicaStatus};

@@ -34,6 +34,10 @@ const JOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// bootstraps the management service.
 const BOOTSTRAP_POLL: Duration = Duration::from_millis(200);
 
+/// How long a new group may take to elect its first leader and commit its first entry (on a
+/// quorum) before its creation counts as failed.
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long an access point may take to answer `Identify` before bootstrapping.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -661,6 +665,15 @@ impl Engine {
                 Ok(()) | Err(rdb::Error::Exists(_)) => {}
                 Err(e) => return Err(e.into()),
             }
+            // NB: until a leader's first entry commits, the membership lives in this replica's
+            // log alone; the others are empty and cannot even campaign. Answering now would let
+            // the management service record (and acknowledge) an instance that the loss of this
+            // one engine destroys for good (found by the fault suite's wipe nemesis). A replica
+            // that applied an entry of a leader knows the group is on a quorum.
+            let s = host.db.status();
+            if !(s.leader.is_some() && s.applied_index.is_some_and(|i| i >= 1)) {
+                host.db.wait_up(BOOTSTRAP_TIMEOUT).await?;
+            }
         }
         Ok(member)
     }
@@ -812,6 +825,62 @@ struct RsvcSvc(Engine);
 impl cpb::rsvc_server::Rsvc for RsvcSvc {
     async fn call(&self, req: Request<cpb::CallRequest>) -> Result<Response<cpb::CallReply>, Status> {
         Ok(Response::new(self.0.call(req.into_inner()).await))
+    }
+
+    async fn status(&self, req: Request<cpb::StatusRequest>) -> Result<Response<cpb::StatusReply>, Status> {
+        let r = req.into_inner();
+        let mut replicas: Vec<cpb::ReplicaStatus> = self
+            .0
+            .hosts()
+            .iter()
+            .filter(|h| r.class.is_empty() || h.class == r.class)
+            .filter(|h| r.instance.is_empty() || h.instance == r.instance)
+            .map(|h| (&replica_status(h)).into())
+            .collect();
+        replicas.sort_by(|a, b| (&a.class, &a.instance).cmp(&(&b.class, &b.instance)));
+        Ok(Response::new(cpb::StatusReply {
+            rank: self.0.inner.rank,
+            replicas,
+        }))
+    }
+}
+
+/// What a hosted replica reports of itself.
+fn replica_status(h: &Host) -> rsvc_client::ReplicaStatus {
+    let s = h.db.status();
+    let size = |f: &str| std::fs::metadata(h.db.dir().join(f)).map_or(0, |m| m.len());
+    let ranks = |v: &[rdb::ReplicaId]| {
+        let mut r: Vec<u32> = v.iter().map(|x| x.rank).collect();
+        r.sort_unstable();
+        r
+    };
+    rsvc_client::ReplicaStatus {
+        class: h.class.clone(),
+        instance: h.instance.clone(),
+        rank: s.replica.rank,
+        gen: s.replica.gen,
+        role: match s.role {
+            rdb::Role::Follower => "follower",
+            rdb::Role::Candidate => "candidate",
+            rdb::Role::Leader => "leader",
+            rdb::Role::Learner => "learner",
+            rdb::Role::Shutdown => "shutdown",
+        }
+        .into(),
+        term: s.term,
+        leader: s.leader.map(|l| l.rank),
+        serving: s.up_term.is_some(),
+        last_log_index: s.last_log_index,
+        applied_index: s.applied_index,
+        snapshot_index: s.snapshot_index,
+        purged_index: s.purged_index,
+        voters: ranks(&s.voters),
+        learners: ranks(&s.learners),
+        free_bytes: s.space.map(|x| x.free),
+        upkeep_bytes: s.space.map(|x| x.upkeep),
+        log_bytes: size("log.redb"),
+        state_bytes: size("sm.redb"),
+        stopped: s.stopped,
     }
 }
 

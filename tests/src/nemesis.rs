@@ -700,13 +700,13 @@ async fn mgmt_call(sys: &RsvcSystem, req: MgmtRequest) -> Result<MgmtResponse, S
 
 /// The pool's term as the engine of `rank` reports it.
 async fn pool_term(sys: &RsvcSystem, rank: u32) -> Option<u64> {
-    pool_metric(sys, rank, "rsvc_replica_term").await
+    pool_status(sys, rank).await.map(|s| s.term)
 }
 
-/// One `rsvc_replica_*` metric of the pool's replica on the engine of `rank`.
-async fn pool_metric(sys: &RsvcSystem, rank: u32, name: &str) -> Option<u64> {
-    let m = sys.replica_metric(rank, name).await.ok()?;
-    m.get(&("pool".to_string(), POOL.to_string())).copied()
+/// What the pool's replica on the engine of `rank` reports of itself.
+async fn pool_status(sys: &RsvcSystem, rank: u32) -> Option<rsvc_client::ReplicaStatus> {
+    let mut m = sys.status(rank).await.ok()?;
+    m.remove(&("pool".to_string(), POOL.to_string()))
 }
 
 /// A fault about to be injected, and where.
@@ -766,7 +766,7 @@ impl Run<'_> {
             FaultKind::Wipe => {
                 // What the engine hosted, and how far each replica had applied: the new ones
                 // must get at least as far.
-                let before = sys.replica_metric(target, "rsvc_replica_applied_index").await?;
+                let before = sys.applied(target).await?;
                 sys.kill(target).await?;
                 sys.wipe(target)?;
                 tokio::time::sleep(hold).await;
@@ -793,7 +793,7 @@ impl Run<'_> {
                 };
                 // The index the resumed replica must reach to show it follows the leader.
                 let index = match before {
-                    Some((l, _)) => pool_metric(sys, l, "rsvc_replica_last_log_index").await,
+                    Some((l, _)) => pool_status(sys, l).await.and_then(|s| s.last_log_index),
                     None => None,
                 };
                 sys.pause(target, true)?;
@@ -1034,7 +1034,7 @@ impl Run<'_> {
             self.cfg.liveness,
             Duration::from_millis(20),
             || async {
-                let applied = pool_metric(sys, paused, "rsvc_replica_applied_index").await?;
+                let applied = pool_status(sys, paused).await?.applied_index?;
                 (applied >= index).then_some(())
             },
         )

@@ -12,7 +12,7 @@ use std::time::Duration;
 use pool_svc::PoolApi;
 use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtLocator, MgmtRequest};
 use rsvc_client::wire::pb;
-use rsvc_client::{ClientConfig, Connections, RsvcClient};
+use rsvc_client::{ClientConfig, Connections, ReplicaStatus, RsvcClient};
 use rustix::process::Signal;
 use tokio::process::Command;
 
@@ -420,7 +420,7 @@ impl RsvcSystem {
     }
 
     /// Waits until the engine of `rank` hosts every replica in `before` (how far each had
-    /// applied, by (class, instance), from [`replica_metric`](Self::replica_metric)) again,
+    /// applied, by (class, instance), from [`applied`](Self::applied)) again,
     /// each applied at least as far, and the directory lists `rank` among each service
     /// instance's replicas again: what a wiped engine's repair must achieve.
     pub async fn wait_rebuilt(
@@ -436,10 +436,7 @@ impl RsvcSystem {
             deadline,
             Duration::from_millis(50),
             || async {
-                let now = self
-                    .replica_metric(rank, "rsvc_replica_applied_index")
-                    .await
-                    .ok()?;
+                let now = self.applied(rank).await.ok()?;
                 if !before.iter().all(|(k, i)| now.get(k).is_some_and(|n| n >= i)) {
                     return None;
                 }
@@ -511,10 +508,36 @@ impl RsvcSystem {
             .map_err(|e| format!("add a replica of {label} on rank {rank}: {e}"))
     }
 
-    /// The raft term each replica on the engine of `rank` knows, by (class, instance), read
-    /// from its metrics.
+    /// What each replica on the engine of `rank` reports of itself (the typed `Status` call),
+    /// by (class, instance).
+    pub async fn status(&self, rank: u32) -> Result<BTreeMap<(String, String), ReplicaStatus>, String> {
+        let e = self.engines.get(&rank).ok_or_else(|| format!("no rank {rank}"))?;
+        let all =
+            rsvc_client::replica_status(&self.conns, &e.addr, None, None, Duration::from_secs(2)).await?;
+        Ok(all
+            .into_iter()
+            .map(|s| ((s.class.clone(), s.instance.clone()), s))
+            .collect())
+    }
+
+    /// The raft term each replica on the engine of `rank` knows, by (class, instance).
     pub async fn terms(&self, rank: u32) -> Result<BTreeMap<(String, String), u64>, String> {
-        self.replica_metric(rank, "rsvc_replica_term").await
+        Ok(self
+            .status(rank)
+            .await?
+            .into_iter()
+            .map(|(k, s)| (k, s.term))
+            .collect())
+    }
+
+    /// How far each replica on the engine of `rank` has applied, by (class, instance).
+    pub async fn applied(&self, rank: u32) -> Result<BTreeMap<(String, String), u64>, String> {
+        Ok(self
+            .status(rank)
+            .await?
+            .into_iter()
+            .map(|(k, s)| (k, s.applied_index.unwrap_or(0)))
+            .collect())
     }
 
     /// One per-replica metric (`rsvc_replica_*`) of the engine of `rank`, by (class, instance).

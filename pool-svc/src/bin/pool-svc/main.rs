@@ -177,6 +177,19 @@ enum ReplicaCmd {
         #[arg(long)]
         rank: u32,
     },
+    /// What each replica reports of itself: role, term, leader, indexes and how far it lags
+    /// the leader, file sizes, free space, and a storage error that stopped it. Asks each
+    /// engine directly, so it works while the pool has no leader.
+    Status {
+        #[command(flatten)]
+        t: Target,
+        /// The pool's label.
+        #[arg(long, value_parser = parse_label)]
+        label: String,
+        /// Only the replica on this rank.
+        #[arg(long)]
+        rank: Option<u32>,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -263,6 +276,96 @@ async fn leader_of(i: &rsvc_client::mgmt::InstanceInfo) -> Option<(u32, u64)> {
     best
 }
 
+/// `replicas status`: each replica's own report, with its lag behind the leader's applied
+/// index. An engine that does not answer is listed as such, not an error.
+async fn replica_status(t: Target, label: String, only: Option<u32>) -> Result<(), Fail> {
+    let MgmtResponse::Instance(info) = mgmt(&t)?
+        .call(&MgmtRequest::Locate {
+            class: "pool".into(),
+            label: label.clone(),
+        })
+        .await?
+    else {
+        return Err(Fail(exit::USAGE, "unexpected answer".into()));
+    };
+    let targets: Vec<&(u32, String)> = info
+        .replicas
+        .iter()
+        .filter(|(r, _)| only.is_none_or(|o| o == *r))
+        .collect();
+    if targets.is_empty() {
+        return Err(Fail(
+            exit::NOT_FOUND,
+            format!(
+                "rank {} hosts no replica of pool {label:?}",
+                only.unwrap_or_default()
+            ),
+        ));
+    }
+    let conns = t.connections();
+    let mut rows = Vec::new();
+    for (rank, addr) in targets {
+        let r = rsvc_client::replica_status(&conns, addr, Some("pool"), Some(&label), t.timeout).await;
+        rows.push((*rank, r.map(|v| v.into_iter().next())));
+    }
+    let leader_applied = rows
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok()?.as_ref())
+        .filter(|s| s.serving)
+        .filter_map(|s| s.applied_index)
+        .max();
+    let lag = |s: &rsvc_client::ReplicaStatus| {
+        leader_applied.map(|l| l.saturating_sub(s.applied_index.unwrap_or(0)))
+    };
+    if t.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(rank, r)| match r {
+                Ok(Some(s)) => {
+                    let mut v = serde_json::to_value(s).unwrap_or_default();
+                    v["state"] = serde_json::json!(if s.stopped.is_some() { "stopped" } else { "up" });
+                    v["lag"] = serde_json::json!(lag(s));
+                    v
+                }
+                Ok(None) => serde_json::json!({ "rank": rank, "state": "missing" }),
+                Err(e) => serde_json::json!({ "rank": rank, "state": "down", "error": e }),
+            })
+            .collect();
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<4} {:<9} {:>6} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} STATE",
+        "RANK", "GEN", "ROLE", "TERM", "LEADER", "APPLIED", "LAST LOG", "LAG", "LOG BYTES", "FREE"
+    );
+    for (rank, r) in &rows {
+        match r {
+            Ok(Some(s)) => {
+                let opt = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
+                println!(
+                    "{:<5} {:<4} {:<9} {:>6} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {}",
+                    s.rank,
+                    s.gen,
+                    if s.serving { "leader*" } else { s.role.as_str() },
+                    s.term,
+                    opt(s.leader.map(u64::from)),
+                    opt(s.applied_index),
+                    opt(s.last_log_index),
+                    opt(lag(s)),
+                    s.log_bytes,
+                    opt(s.free_bytes),
+                    s.stopped
+                        .as_deref()
+                        .map_or("up".to_string(), |w| format!("stopped: {w}")),
+                );
+            }
+            Ok(None) => println!("{rank:<5} the engine hosts no replica of pool {label} (lost?)"),
+            Err(e) => println!("{rank:<5} down: {e}"),
+        }
+    }
+    Ok(())
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -339,6 +442,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             Ok(())
         }
         Cmd::Pool { cmd } => pool_cmd(cmd).await,
+        Cmd::Replicas {
+            cmd: ReplicaCmd::Status { t, label, rank },
+        } => replica_status(t, label, rank).await,
         Cmd::Replicas { cmd } => {
             let (t, req) = match cmd {
                 ReplicaCmd::Add { t, label, rank } => (
@@ -357,6 +463,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         rank,
                     },
                 ),
+                ReplicaCmd::Status { .. } => unreachable!("matched above"),
             };
             let r = mgmt(&t)?.call(&req).await?;
             if let (true, MgmtResponse::Instance(i)) = (t.json, &r) {
