@@ -38,9 +38,93 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics here.
     #[arg(long, env = "RSVC_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Sub-second raft timers, for demos and tests on one machine.
+    /// A preset of sub-second raft timers (heartbeat 50 ms, elections 400-800 ms), for demos
+    /// and tests on one machine; the timer flags below still override it.
     #[arg(long)]
     pub fast_timers: bool,
+    /// Leader heartbeat period, in ms (`[raft] heartbeat_ms`).
+    #[arg(long, env = "RSVC_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Election timeout, lower bound, in ms (`[raft] election_timeout_min_ms`).
+    #[arg(long, env = "RSVC_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Election timeout, upper bound, in ms (`[raft] election_timeout_max_ms`).
+    #[arg(long, env = "RSVC_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Deadline of a raft AppendEntries that carries entries, in ms (`[raft] append_timeout_ms`).
+    #[arg(long, env = "RSVC_APPEND_TIMEOUT_MS")]
+    pub append_timeout_ms: Option<u64>,
+}
+
+/// The engine configuration `args` describe, and where to serve metrics: the file, then the
+/// environment and flags (clap has merged those two: a flag wins over its variable), with
+/// `--fast-timers` as a preset under the individual timer settings.
+pub fn engine_config(args: &ServeArgs) -> Result<(crate::engine::EngineConfig, Option<SocketAddr>), String> {
+    let mut file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    if args.rank.is_some() {
+        file.rank = args.rank;
+    }
+    if let Some(l) = args.listen {
+        file.listen = l;
+    }
+    if args.advertise.is_some() {
+        file.advertise = args.advertise.clone();
+    }
+    if let Some(d) = &args.data_dir {
+        file.data_dir = d.clone();
+    }
+    if let Some(c) = &args.cluster {
+        file.cluster = c.clone();
+    }
+    if args.metrics_listen.is_some() {
+        file.metrics_listen = args.metrics_listen;
+    }
+    if args.fast_timers {
+        let fast = rdb::DbConfig::fast();
+        file.raft.heartbeat_ms = fast.heartbeat.as_millis() as u64;
+        file.raft.election_timeout_min_ms = fast.election_timeout.0.as_millis() as u64;
+        file.raft.election_timeout_max_ms = fast.election_timeout.1.as_millis() as u64;
+    }
+    let r = &mut file.raft;
+    for (flag, field) in [
+        (args.heartbeat_ms, &mut r.heartbeat_ms),
+        (args.election_timeout_min_ms, &mut r.election_timeout_min_ms),
+        (args.election_timeout_max_ms, &mut r.election_timeout_max_ms),
+        (args.append_timeout_ms, &mut r.append_timeout_ms),
+    ] {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
+    let mut self_ap = None;
+    let mut cfg = if args.access_points.is_empty() {
+        file.engine_config()?
+    } else {
+        // `RANK@` names this engine itself, whose address is known only once it is bound.
+        let mut aps = Vec::new();
+        for a in &args.access_points {
+            match a.strip_suffix('@') {
+                Some(r) => self_ap = Some(r.parse::<u32>().map_err(|_| format!("bad access point {a:?}"))?),
+                None => aps.push(a.clone()),
+            }
+        }
+        file.access_points = aps;
+        file.engine_config()?
+    };
+    if let Some(r) = self_ap {
+        cfg.access_points.push((r, String::new()));
+    }
+    if cfg.access_points.is_empty() {
+        return Err(
+            "no access points: give --access-point rank@host:port (repeat for each), \
+             access_points in the config file, or RSVC_ACCESS_POINTS"
+                .into(),
+        );
+    }
+    Ok((cfg, file.metrics_listen))
 }
 
 /// Starts an engine with `factories` from `args`, waits until it has joined the system, prints
@@ -53,54 +137,7 @@ pub async fn serve(
     args: ServeArgs,
     factories: Vec<Arc<dyn ServiceFactory>>,
 ) -> Result<(), String> {
-    let mut file = match &args.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
-    };
-    if args.rank.is_some() {
-        file.rank = args.rank;
-    }
-    if let Some(l) = args.listen {
-        file.listen = l;
-    }
-    if args.advertise.is_some() {
-        file.advertise = args.advertise;
-    }
-    if let Some(d) = args.data_dir {
-        file.data_dir = d;
-    }
-    if let Some(c) = args.cluster {
-        file.cluster = c;
-    }
-    if args.metrics_listen.is_some() {
-        file.metrics_listen = args.metrics_listen;
-    }
-    let mut self_ap = None;
-    if !args.access_points.is_empty() {
-        // `RANK@` names this engine itself, whose address is known only once it is bound.
-        let mut aps = Vec::new();
-        for a in args.access_points {
-            match a.strip_suffix('@') {
-                Some(r) => self_ap = Some(r.parse::<u32>().map_err(|_| format!("bad access point {a:?}"))?),
-                None => aps.push(a),
-            }
-        }
-        file.access_points = aps;
-    }
-    let mut cfg = file.engine_config()?;
-    if let Some(r) = self_ap {
-        cfg.access_points.push((r, String::new()));
-    }
-    if cfg.access_points.is_empty() {
-        return Err(
-            "no access points: give --access-point rank@host:port (repeat for each), \
-             access_points in the config file, or RSVC_ACCESS_POINTS"
-                .into(),
-        );
-    }
-    if args.fast_timers {
-        cfg.db = rdb::DbConfig::fast();
-    }
+    let (cfg, metrics_listen) = engine_config(&args)?;
     let engine = Engine::start(cfg, factories).await.map_err(|e| e.to_string())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
@@ -116,7 +153,7 @@ pub async fn serve(
         _ = term.recv() => { engine.shutdown().await; return Ok(()); }
         _ = tokio::signal::ctrl_c() => { engine.shutdown().await; return Ok(()); }
     }
-    let metrics = match file.metrics_listen {
+    let metrics = match metrics_listen {
         Some(a) => Some(
             crate::metrics::serve(engine.clone(), a)
                 .await
@@ -438,8 +475,59 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::parse_timeout;
+    use super::{engine_config, parse_timeout, ServeArgs};
+    use clap::Parser;
     use std::time::Duration;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn settings(args: &[&str]) -> Result<crate::engine::EngineConfig, String> {
+        let s = Serve::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        engine_config(&s.args).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn raft_timers_come_from_the_file_then_the_preset_then_each_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("engine.toml");
+        std::fs::write(
+            &file,
+            "rank = 2\naccess_points = [\"1@a:1\"]\n[raft]\nheartbeat_ms = 40\nno_append_free_bytes = 123\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = settings(&["--config", f]).unwrap();
+        assert_eq!(c.db.heartbeat, Duration::from_millis(40));
+        // The preset replaces the timers only: the file's other settings stay.
+        let c = settings(&["--config", f, "--fast-timers", "--election-timeout-max-ms", "900"]).unwrap();
+        assert_eq!(c.db.heartbeat, Duration::from_millis(50));
+        assert_eq!(
+            c.db.election_timeout,
+            (Duration::from_millis(400), Duration::from_millis(900))
+        );
+        assert_eq!(c.db.no_append_free_bytes, 123);
+        let c = settings(&[
+            "--config",
+            f,
+            "--append-timeout-ms",
+            "700",
+            "--heartbeat-ms",
+            "30",
+        ])
+        .unwrap();
+        assert_eq!(c.db.append_timeout, Duration::from_millis(700));
+        assert_eq!(c.db.heartbeat, Duration::from_millis(30));
+        // Timers that cannot work are refused before the engine starts.
+        let e = settings(&["--config", f, "--election-timeout-min-ms", "5000"]).unwrap_err();
+        assert!(e.contains("must be below"), "{e}");
+        let e = settings(&["--config", f, "--heartbeat-ms", "600"]).unwrap_err();
+        assert!(e.contains("at most half"), "{e}");
+    }
 
     #[test]
     fn timeouts_take_fractions_and_units() {

@@ -15,6 +15,7 @@
 //! heartbeat_ms = 50
 //! election_timeout_min_ms = 150
 //! election_timeout_max_ms = 300
+//! append_timeout_ms = 2000          # deadline of an AppendEntries that carries entries
 //! snapshot_every_entries = 10000
 //! keep_log_behind_snapshot = 1000
 //! no_append_free_bytes = 4194304
@@ -48,6 +49,9 @@ pub struct RaftSection {
     pub no_append_free_bytes: u64,
     /// Refuse even critical transactions below this much free space.
     pub critical_free_bytes: u64,
+    /// Deadline of an AppendEntries that carries entries (a heartbeat's is derived from the
+    /// heartbeat period).
+    pub append_timeout_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -57,6 +61,7 @@ impl Default for RaftSection {
             heartbeat_ms: d.heartbeat.as_millis() as u64,
             election_timeout_min_ms: d.election_timeout.0.as_millis() as u64,
             election_timeout_max_ms: d.election_timeout.1.as_millis() as u64,
+            append_timeout_ms: d.append_timeout.as_millis() as u64,
             snapshot_every_entries: d.snapshot_every_entries,
             keep_log_behind_snapshot: d.keep_log_behind_snapshot,
             no_append_free_bytes: d.no_append_free_bytes,
@@ -131,6 +136,21 @@ impl FileConfig {
     pub fn engine_config(&self) -> Result<EngineConfig, String> {
         let rank = self.rank.ok_or("rank is required (in the file or as --rank)")?;
         let r = &self.raft;
+        if r.election_timeout_min_ms >= r.election_timeout_max_ms {
+            return Err(format!(
+                "election_timeout_min_ms ({}) must be below election_timeout_max_ms ({})",
+                r.election_timeout_min_ms, r.election_timeout_max_ms
+            ));
+        }
+        if r.heartbeat_ms == 0 || r.heartbeat_ms * 2 > r.election_timeout_min_ms {
+            return Err(format!(
+                "heartbeat_ms ({}) must be more than 0 and at most half of election_timeout_min_ms ({})",
+                r.heartbeat_ms, r.election_timeout_min_ms
+            ));
+        }
+        if r.append_timeout_ms == 0 {
+            return Err("append_timeout_ms must be more than 0".into());
+        }
         let db = DbConfig {
             heartbeat: Duration::from_millis(r.heartbeat_ms),
             election_timeout: (
@@ -138,6 +158,7 @@ impl FileConfig {
                 Duration::from_millis(r.election_timeout_max_ms),
             ),
             quorum_timeout: Duration::from_millis(r.election_timeout_max_ms),
+            append_timeout: Duration::from_millis(r.append_timeout_ms),
             snapshot_every_entries: r.snapshot_every_entries,
             keep_log_behind_snapshot: r.keep_log_behind_snapshot,
             no_append_free_bytes: r.no_append_free_bytes,
