@@ -232,6 +232,7 @@ impl Engine {
                 cfg.cluster.clone(),
                 (cfg.rank, addr.clone()),
                 cfg.reconf_after,
+                cfg.db.election_timeout.1,
             );
             factories.push(Arc::new(crate::service::OnceFactory::new(mgmt)));
         }

@@ -49,10 +49,10 @@ fn storage(e: impl std::fmt::Display) -> MgmtError {
     MgmtError::Storage(e.to_string())
 }
 
-/// How often the management leader health-checks every engine.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// An engine that has not answered for this long is reported `Down` and gets no new replicas.
-const DOWN_AFTER: Duration = Duration::from_secs(3);
+/// How often the management leader health-checks every engine: its maximum election timeout,
+/// within these bounds, so that `system status` shows a dead engine `Down` about as soon as
+/// its groups have replaced it.
+const PROBE_BOUNDS: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(1));
 
 /// The management service of one engine. One value serves the engine's management replica;
 /// the leader's monitor task shares its state.
@@ -71,19 +71,28 @@ pub struct MgmtInner {
     /// Replicas on an engine down for this long are moved to a spare engine (DAOS pool
     /// auto-reconfiguration); `None` turns that off.
     reconf_after: Option<Duration>,
+    /// How often the leader's monitor probes every engine.
+    probe_every: Duration,
+    /// An engine that failed its last probe and has not answered for this long is reported
+    /// `Down` and gets no new replicas (two probe periods).
+    down_after: Duration,
     /// When each engine last answered a health check; kept by the leader only.
     seen: Mutex<HashMap<u32, Instant>>,
-    /// Replicas found missing from their engine, with how many rounds in a row; kept by the
-    /// leader only (see [`lost_replicas`]).
-    missing: Mutex<HashMap<Listed, u32>>,
+    /// Engines that failed the last completed round of probes. NB: a round can be held up by
+    /// a repair or a move; an engine counts as down only if a round saw it fail, never merely
+    /// because no round ran.
+    failing: Mutex<HashSet<u32>>,
+    /// Replicas found missing from their engine, since when; kept by the leader only (see
+    /// [`lost_replicas`]).
+    missing: Mutex<HashMap<Listed, Instant>>,
 }
 
 /// A replica as the directory lists it: class, instance, rank, generation.
 type Listed = (String, String, u32, u32);
 
-/// Rounds in a row a listed replica must be missing from its (answering) engine before the
-/// monitor re-creates it: one round could race an add or a remove in progress.
-const LOST_AFTER_ROUNDS: u32 = 2;
+/// How long a listed replica must be missing from its (answering) engine before the monitor
+/// re-creates it: a moment's absence could be an add or a remove in progress.
+const LOST_AFTER: Duration = Duration::from_secs(2);
 
 impl std::ops::Deref for Mgmt {
     type Target = MgmtInner;
@@ -93,20 +102,27 @@ impl std::ops::Deref for Mgmt {
 }
 
 impl Mgmt {
-    /// A management service on engine `me` reaching other engines through `peers`.
+    /// A management service on engine `me` reaching other engines through `peers`; its leader
+    /// probes every engine about once per `election_max` (the engines' maximum election
+    /// timeout, bounded to 200 ms..1 s).
     pub fn new(
         peers: Arc<GrpcTransport>,
         cluster: impl Into<String>,
         me: (u32, String),
         reconf_after: Option<Duration>,
+        election_max: Duration,
     ) -> Self {
+        let probe_every = election_max.clamp(PROBE_BOUNDS.0, PROBE_BOUNDS.1);
         Mgmt {
             inner: Arc::new(MgmtInner {
                 peers,
                 cluster: cluster.into(),
                 me,
                 reconf_after,
+                probe_every,
+                down_after: probe_every * 2,
                 seen: Mutex::default(),
+                failing: Mutex::default(),
                 missing: Mutex::default(),
             }),
             monitor: Mutex::new(None),
@@ -121,7 +137,8 @@ impl MgmtInner {
             .lock()
             .expect("lock")
             .get(&rank)
-            .is_some_and(|t| t.elapsed() > DOWN_AFTER)
+            .is_some_and(|t| t.elapsed() > self.down_after)
+            && self.failing.lock().expect("lock").contains(&rank)
     }
 
     /// One round of the leader's monitor: ask every engine who it is and what it hosts (the
@@ -140,7 +157,7 @@ impl MgmtInner {
             return Err("unexpected answer".into());
         };
         let checks = ranks.iter().map(|r| async move {
-            let reply = tokio::time::timeout(PROBE_EVERY / 2, self.identify(&r.addr)).await;
+            let reply = tokio::time::timeout(self.probe_every / 2, self.identify(&r.addr)).await;
             // Only the engine of that rank and cluster counts as an answer.
             let hosted = match reply {
                 Ok(Ok(me)) if me.rank == r.rank && me.cluster == self.cluster => Some(
@@ -163,6 +180,11 @@ impl MgmtInner {
                     seen.insert(*rank, now);
                 }
             }
+            *self.failing.lock().expect("lock") = results
+                .iter()
+                .filter(|(_, h)| h.is_none())
+                .map(|(r, _)| *r)
+                .collect();
         }
         let hosted: HashMap<u32, HashSet<(String, String, u32)>> =
             results.into_iter().filter_map(|(r, h)| Some((r, h?))).collect();
@@ -222,9 +244,9 @@ impl MgmtInner {
     /// lost replica can never vote again; the new one joins as a learner, catches up from the
     /// leader, and becomes a voter.
     ///
-    /// NB: a replica counts as lost only after [`LOST_AFTER_ROUNDS`] rounds in a row, so that
-    /// an add or a remove in progress (the engine and the directory briefly disagree) is not
-    /// mistaken for a loss.
+    /// NB: a replica counts as lost only once it was missing for [`LOST_AFTER`] in every round,
+    /// so that an add or a remove in progress (the engine and the directory briefly disagree)
+    /// is not mistaken for a loss.
     async fn repair_lost(
         &self,
         client: &rsvc_client::RsvcClient<MgmtApi>,
@@ -253,7 +275,7 @@ impl MgmtInner {
         );
         let lost = {
             let mut missing = self.missing.lock().expect("lock");
-            lost_replicas(&listed, hosted, &mut missing)
+            lost_replicas(&listed, hosted, &mut missing, Instant::now())
         };
         for (class, label, rank, gen) in lost {
             tracing::warn!(%class, %label, rank, gen, "replica lost by its engine (wiped data?); re-creating it under a new generation");
@@ -705,7 +727,7 @@ impl ReplicatedService for Mgmt {
                 if let Err(e) = mgmt.monitor_round(&client, &db).await {
                     tracing::debug!(term, cause = %e, "monitor round failed");
                 }
-                tokio::time::sleep(PROBE_EVERY).await;
+                tokio::time::sleep(mgmt.probe_every).await;
             }
         });
         if let Some(old) = self.monitor.lock().expect("lock").replace(task) {
@@ -842,13 +864,14 @@ impl ReplicatedService for Mgmt {
 }
 
 /// Which listed replicas are lost: their engine answered this round without them (at their
-/// generation), and it did so for [`LOST_AFTER_ROUNDS`] rounds in a row. `missing` carries the
-/// counts between rounds; a replica that is back, or whose engine did not answer, is forgotten
+/// generation), and every round since [`LOST_AFTER`] ago did too. `missing` carries since when
+/// each has been missing; a replica that is back, or whose engine did not answer, is forgotten
 /// (an engine that does not answer is down, not wiped: that is the reconfiguration's business).
 fn lost_replicas(
     listed: &[Listed],
     hosted: &HashMap<u32, HashSet<(String, String, u32)>>,
-    missing: &mut HashMap<Listed, u32>,
+    missing: &mut HashMap<Listed, Instant>,
+    now: Instant,
 ) -> Vec<Listed> {
     let mut now_missing = HashMap::new();
     for l in listed {
@@ -857,13 +880,13 @@ fn lost_replicas(
         if h.contains(&(class.clone(), label.clone(), *gen)) {
             continue;
         }
-        let n = missing.get(l).copied().unwrap_or(0) + 1;
-        now_missing.insert(l.clone(), n);
+        let since = missing.get(l).copied().unwrap_or(now);
+        now_missing.insert(l.clone(), since);
     }
     *missing = now_missing;
     let mut lost: Vec<Listed> = missing
         .iter()
-        .filter(|(_, n)| **n >= LOST_AFTER_ROUNDS)
+        .filter(|(_, since)| now.duration_since(**since) >= LOST_AFTER)
         .map(|(l, _)| l.clone())
         .collect();
     lost.sort();
@@ -890,17 +913,27 @@ mod tests {
             .collect()
     }
 
+    /// A round at `t0` plus `ms` milliseconds.
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
     #[test]
-    fn a_replica_missing_from_an_answering_engine_is_lost_after_two_rounds() {
+    fn a_replica_missing_from_an_answering_engine_is_lost_after_a_while() {
         let listed = vec![l("pool", 1, 1), l("pool", 2, 1), l("pool", 3, 2)];
         let mut missing = HashMap::new();
+        let t0 = Instant::now();
         // Rank 2 answers without its replica; rank 3 does not answer at all.
         let h = hosts(&[(1, &[("pool", 1)]), (2, &[])]);
         assert!(
-            lost_replicas(&listed, &h, &mut missing).is_empty(),
+            lost_replicas(&listed, &h, &mut missing, t0).is_empty(),
             "one round is not enough"
         );
-        assert_eq!(lost_replicas(&listed, &h, &mut missing), vec![l("pool", 2, 1)]);
+        assert!(lost_replicas(&listed, &h, &mut missing, at(t0, 1000)).is_empty());
+        assert_eq!(
+            lost_replicas(&listed, &h, &mut missing, at(t0, 2000)),
+            vec![l("pool", 2, 1)]
+        );
         // A down engine is never "lost": that is reconfiguration's business.
         assert!(!missing.contains_key(&l("pool", 3, 2)));
     }
@@ -909,18 +942,23 @@ mod tests {
     fn a_replica_back_in_between_or_at_another_generation_is_judged_anew() {
         let listed = vec![l("pool", 2, 1)];
         let mut missing = HashMap::new();
+        let t0 = Instant::now();
         let gone = hosts(&[(2, &[])]);
         let back = hosts(&[(2, &[("pool", 1)])]);
         let silent = hosts(&[]);
-        assert!(lost_replicas(&listed, &gone, &mut missing).is_empty());
-        // It came back (an add in progress): the count starts over.
-        assert!(lost_replicas(&listed, &back, &mut missing).is_empty());
-        assert!(lost_replicas(&listed, &gone, &mut missing).is_empty());
-        // The engine did not answer: the count starts over too.
-        assert!(lost_replicas(&listed, &silent, &mut missing).is_empty());
-        assert!(lost_replicas(&listed, &gone, &mut missing).is_empty());
+        assert!(lost_replicas(&listed, &gone, &mut missing, t0).is_empty());
+        // It came back (an add in progress): the clock starts over.
+        assert!(lost_replicas(&listed, &back, &mut missing, at(t0, 1500)).is_empty());
+        assert!(lost_replicas(&listed, &gone, &mut missing, at(t0, 2500)).is_empty());
+        // The engine did not answer: the clock starts over too.
+        assert!(lost_replicas(&listed, &silent, &mut missing, at(t0, 4600)).is_empty());
+        assert!(lost_replicas(&listed, &gone, &mut missing, at(t0, 5000)).is_empty());
         // An engine that hosts the instance at an older generation lost the listed one.
         let old = hosts(&[(2, &[("pool", 0)])]);
-        assert_eq!(lost_replicas(&listed, &old, &mut missing), vec![l("pool", 2, 1)]);
+        assert!(lost_replicas(&listed, &old, &mut missing, at(t0, 6000)).is_empty());
+        assert_eq!(
+            lost_replicas(&listed, &old, &mut missing, at(t0, 7000)),
+            vec![l("pool", 2, 1)]
+        );
     }
 }
