@@ -189,3 +189,22 @@ fn the_demo_runs_in_short_mode_and_tells_one_story() {
     }
     eprintln!("{stdout}");
 }
+
+/// One convention for both binaries: the pool is `--pool` in cont-svc and `--label` or `--pool`
+/// in pool-svc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_is_named_the_same_way_in_both_binaries() {
+    let sys = System::start(3).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--pool", "tank", "--replicas", "3", "--json"],
+    );
+    let q = sys.json(POOL_SVC, &["pool", "query", "--pool", "tank", "--json"]);
+    assert_eq!(q["label"], "tank");
+    sys.json(CONT_SVC, &["--pool", "tank", "create", "c1", "--json"]);
+    let help = Command::new(POOL_SVC)
+        .args(["pool", "query", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--pool"));
+}

@@ -73,8 +73,8 @@ enum PoolCmd {
     Create {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// How many service replicas, on distinct engines.
         #[arg(long, default_value_t = 3)]
@@ -89,32 +89,32 @@ enum PoolCmd {
     Query {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
     },
     /// Destroys a pool and its containers.
     Destroy {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
     },
     /// Connects (opens a handle), prints it, and disconnects.
     Connect {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
     },
     /// Sets a user attribute.
     SetAttr {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// The attribute's name.
         name: String,
@@ -125,8 +125,8 @@ enum PoolCmd {
     GetAttr {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// The attribute's name.
         name: String,
@@ -136,8 +136,8 @@ enum PoolCmd {
     TransferLeader {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// The rank to hand it to (default: the most caught-up replica).
         #[arg(long)]
@@ -147,8 +147,8 @@ enum PoolCmd {
     Evict {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
     },
 }
@@ -159,8 +159,8 @@ enum ReplicaCmd {
     Add {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// The engine's rank.
         #[arg(long)]
@@ -170,8 +170,8 @@ enum ReplicaCmd {
     Remove {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// The engine's rank.
         #[arg(long)]
@@ -183,8 +183,8 @@ enum ReplicaCmd {
     Status {
         #[command(flatten)]
         t: Target,
-        /// The pool's label.
-        #[arg(long, value_parser = parse_label)]
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
         /// Only the replica on this rank.
         #[arg(long)]
