@@ -18,11 +18,14 @@ async fn pool_and_container_commands() {
     assert_eq!(list[0]["label"], "tank");
     let q = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"]);
     let leader = q["leader"].as_u64().unwrap();
-    assert!(q["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|r| r.as_u64() == Some(leader)));
+    // Replicas are objects in every command (rank and address, here with their state too).
+    let reps = q["replicas"].as_array().unwrap();
+    assert!(reps.iter().any(|r| r["rank"].as_u64() == Some(leader)), "{q}");
+    assert!(
+        reps.iter().all(|r| r["state"] == "up" && r["addr"].is_string()),
+        "{q}"
+    );
+    assert!(list[0]["replicas"][0]["rank"].is_u64(), "{list}");
 
     let c = sys.json(POOL_SVC, &["pool", "connect", "--label", "tank", "--json"]);
     assert_eq!(c["disconnected"], true);
@@ -34,6 +37,8 @@ async fn pool_and_container_commands() {
     );
     let conts = sys.json(CONT_SVC, &["--pool", "tank", "list", "--json"]);
     assert_eq!(conts.as_array().unwrap().len(), 1);
+    // One encoding for a 16-byte id: 32 hex digits, like a pool handle.
+    assert_eq!(conts[0]["uuid"].as_str().map(str::len), Some(32), "{conts}");
     let oids = sys.json(CONT_SVC, &["--pool", "tank", "alloc-oids", "c1", "10", "--json"]);
     assert_eq!(
         (oids["start"].as_u64(), oids["count"].as_u64()),

@@ -122,6 +122,13 @@ fn row(c: &ContInfo) -> String {
     )
 }
 
+/// A container as JSON: its fields, with the uuid as 32 hex digits, as pool handles print.
+fn cont_json(c: &ContInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(c).unwrap_or_default();
+    v["uuid"] = serde_json::json!(c.uuid.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    v
+}
+
 /// What a command prints: JSON for `--json`, and its text form.
 struct Out {
     json: serde_json::Value,
@@ -168,17 +175,14 @@ async fn command(pool: &PoolClient, cmd: Cmd) -> Result<Out, Fail> {
                 text.push_str(&row(c));
             }
             out(
-                serde_json::to_value(&l).map_err(|e| (exit::USAGE, e.to_string()))?,
+                serde_json::json!(l.iter().map(cont_json).collect::<Vec<_>>()),
                 text,
             )
         }
         Cmd::Query { label } => {
             let c = conts.query(&label).await.map_err(fail)?;
             let text = format!("{HEADER}\n{}", row(&c));
-            out(
-                serde_json::to_value(&c).map_err(|e| (exit::USAGE, e.to_string()))?,
-                text,
-            )
+            out(cont_json(&c), text)
         }
         Cmd::Destroy { label, force } => {
             conts.destroy(&label, force).await.map_err(fail)?;

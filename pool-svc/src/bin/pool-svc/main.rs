@@ -276,13 +276,53 @@ async fn leader_of(i: &rsvc_client::mgmt::InstanceInfo) -> Option<(u32, u64)> {
     best
 }
 
-/// `replicas status`: each replica's own report, with its lag behind the leader's applied
-/// index. An engine that does not answer is listed as such, not an error.
-async fn replica_status(t: Target, label: String, only: Option<u32>) -> Result<(), Fail> {
-    let MgmtResponse::Instance(info) = mgmt(&t)?
+/// One replica of a pool as an engine reports it (or fails to).
+struct ReplicaRow {
+    rank: u32,
+    addr: String,
+    /// Its own report; `Ok(None)`: the engine answered but hosts no such replica (lost).
+    status: Result<Option<rsvc_client::ReplicaStatus>, String>,
+}
+
+impl ReplicaRow {
+    /// `up`, `stopped` (a storage error), `missing` (the engine lost it) or `down`.
+    fn state(&self) -> &'static str {
+        match &self.status {
+            Ok(Some(s)) if s.stopped.is_some() => "stopped",
+            Ok(Some(_)) => "up",
+            Ok(None) => "missing",
+            Err(_) => "down",
+        }
+    }
+
+    /// How many entries it has yet to apply to catch up with the leader's applied index.
+    fn lag(&self, leader_applied: Option<u64>) -> Option<u64> {
+        let s = self.status.as_ref().ok()?.as_ref()?;
+        leader_applied.map(|l| l.saturating_sub(s.applied_index.unwrap_or(0)))
+    }
+
+    /// Its JSON form: rank, address, state and lag, then its report's fields. The same shape
+    /// wherever a command lists a pool's replicas.
+    fn json(&self, leader_applied: Option<u64>) -> serde_json::Value {
+        let mut v = match &self.status {
+            Ok(Some(s)) => serde_json::to_value(s).unwrap_or_default(),
+            Ok(None) => serde_json::json!({ "rank": self.rank }),
+            Err(e) => serde_json::json!({ "rank": self.rank, "error": e }),
+        };
+        v["addr"] = serde_json::json!(self.addr);
+        v["state"] = serde_json::json!(self.state());
+        v["lag"] = serde_json::json!(self.lag(leader_applied));
+        v
+    }
+}
+
+/// Asks each engine hosting a replica of pool `label` (only `only`, if given) for its
+/// replica's report, directly: this works while the pool has no leader.
+async fn replica_rows(t: &Target, label: &str, only: Option<u32>) -> Result<Vec<ReplicaRow>, Fail> {
+    let MgmtResponse::Instance(info) = mgmt(t)?
         .call(&MgmtRequest::Locate {
             class: "pool".into(),
-            label: label.clone(),
+            label: label.to_string(),
         })
         .await?
     else {
@@ -305,62 +345,64 @@ async fn replica_status(t: Target, label: String, only: Option<u32>) -> Result<(
     let conns = t.connections();
     let mut rows = Vec::new();
     for (rank, addr) in targets {
-        let r = rsvc_client::replica_status(&conns, addr, Some("pool"), Some(&label), t.timeout).await;
-        rows.push((*rank, r.map(|v| v.into_iter().next())));
+        let status = rsvc_client::replica_status(&conns, addr, Some("pool"), Some(label), t.timeout)
+            .await
+            .map(|v| v.into_iter().next());
+        rows.push(ReplicaRow {
+            rank: *rank,
+            addr: addr.clone(),
+            status,
+        });
     }
-    let leader_applied = rows
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().ok()?.as_ref())
+    Ok(rows)
+}
+
+/// The applied index of the replica that serves as leader, if one answered.
+fn leader_applied(rows: &[ReplicaRow]) -> Option<u64> {
+    rows.iter()
+        .filter_map(|r| r.status.as_ref().ok()?.as_ref())
         .filter(|s| s.serving)
         .filter_map(|s| s.applied_index)
-        .max();
-    let lag = |s: &rsvc_client::ReplicaStatus| {
-        leader_applied.map(|l| l.saturating_sub(s.applied_index.unwrap_or(0)))
-    };
+        .max()
+}
+
+/// `replicas status`: each replica's own report, with its lag behind the leader's applied
+/// index. An engine that does not answer is listed as such, not an error.
+async fn replica_status(t: Target, label: String, only: Option<u32>) -> Result<(), Fail> {
+    let rows = replica_rows(&t, &label, only).await?;
+    let applied = leader_applied(&rows);
     if t.json {
-        let v: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|(rank, r)| match r {
-                Ok(Some(s)) => {
-                    let mut v = serde_json::to_value(s).unwrap_or_default();
-                    v["state"] = serde_json::json!(if s.stopped.is_some() { "stopped" } else { "up" });
-                    v["lag"] = serde_json::json!(lag(s));
-                    v
-                }
-                Ok(None) => serde_json::json!({ "rank": rank, "state": "missing" }),
-                Err(e) => serde_json::json!({ "rank": rank, "state": "down", "error": e }),
-            })
-            .collect();
-        print_json(&v);
+        print_json(&rows.iter().map(|r| r.json(applied)).collect::<Vec<_>>());
         return Ok(());
     }
     println!(
-        "{:<5} {:<4} {:<9} {:>6} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} STATE",
+        "{:<5} {:<4} {:<9} {:>6} {:>6} {:>9} {:>9} {:>6} {:>10} {:>12} STATE",
         "RANK", "GEN", "ROLE", "TERM", "LEADER", "APPLIED", "LAST LOG", "LAG", "LOG BYTES", "FREE"
     );
-    for (rank, r) in &rows {
-        match r {
-            Ok(Some(s)) => {
-                let opt = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
-                println!(
-                    "{:<5} {:<4} {:<9} {:>6} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {}",
-                    s.rank,
-                    s.gen,
-                    if s.serving { "leader*" } else { s.role.as_str() },
-                    s.term,
-                    opt(s.leader.map(u64::from)),
-                    opt(s.applied_index),
-                    opt(s.last_log_index),
-                    opt(lag(s)),
-                    s.log_bytes,
-                    opt(s.free_bytes),
-                    s.stopped
-                        .as_deref()
-                        .map_or("up".to_string(), |w| format!("stopped: {w}")),
-                );
-            }
-            Ok(None) => println!("{rank:<5} the engine hosts no replica of pool {label} (lost?)"),
-            Err(e) => println!("{rank:<5} down: {e}"),
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
+    for r in &rows {
+        match &r.status {
+            Ok(Some(s)) => println!(
+                "{:<5} {:<4} {:<9} {:>6} {:>6} {:>9} {:>9} {:>6} {:>10} {:>12} {}",
+                s.rank,
+                s.gen,
+                if s.serving { "leader*" } else { s.role.as_str() },
+                s.term,
+                opt(s.leader.map(u64::from)),
+                opt(s.applied_index),
+                opt(s.last_log_index),
+                opt(r.lag(applied)),
+                s.log_bytes,
+                opt(s.free_bytes),
+                s.stopped
+                    .as_deref()
+                    .map_or("up".to_string(), |w| format!("stopped: {w}")),
+            ),
+            Ok(None) => println!(
+                "{:<5} the engine hosts no replica of pool {label} (lost?)",
+                r.rank
+            ),
+            Err(e) => println!("{:<5} down: {e}", r.rank),
         }
     }
     Ok(())
@@ -519,13 +561,26 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
             let PoolResponse::Info(i) = pool_rpc(&t, &label)?.call(&PoolRequest::Query).await? else {
                 return Err(Fail(2, "unexpected answer".into()));
             };
+            // Each replica's state, as its engine reports it (the leader's view of the group
+            // says nothing about a replica that is down or behind).
+            let rows = replica_rows(&t, &label, None).await?;
+            let applied = leader_applied(&rows);
             if t.json {
-                print_json(&i);
+                let mut v = serde_json::to_value(&i).unwrap_or_default();
+                v["replicas"] = serde_json::json!(rows.iter().map(|r| r.json(applied)).collect::<Vec<_>>());
+                print_json(&v);
                 return Ok(());
             }
-            let reps: Vec<String> = i.replicas.iter().map(u32::to_string).collect();
+            let reps: Vec<String> = rows
+                .iter()
+                .map(|r| match (r.state(), r.lag(applied)) {
+                    ("up", Some(0)) => format!("{} up", r.rank),
+                    ("up", Some(n)) => format!("{} up, {n} behind", r.rank),
+                    (state, _) => format!("{} {state}", r.rank),
+                })
+                .collect();
             println!("label        {}", i.label);
-            println!("replicas     {}", reps.join(","));
+            println!("replicas     {}", reps.join("; "));
             println!("leader       rank {} (term {})", i.leader, i.term);
             println!("handles      {}", i.handles);
             println!("containers   {}", i.containers);
