@@ -268,6 +268,14 @@ async fn transfer_to_the_leader_succeeds_and_bad_labels_are_usage_errors() {
     let leader = sys.pool_leader("tank");
     let out = sys.transfer_leader("tank", leader);
     assert_eq!(out["leader"], leader);
+    // A real move reports the new leader's term, newer than the old one's.
+    let term = sys.json(POOL_SVC, &["pool", "query", "--label", "tank", "--json"])["term"]
+        .as_u64()
+        .unwrap();
+    let to = (1..=3u64).find(|r| *r != leader).unwrap();
+    let moved = sys.transfer_leader("tank", to);
+    assert_eq!(moved["leader"], to, "{moved}");
+    assert!(moved["term"].as_u64().unwrap() > term, "{moved}");
     let elsewhere = sys.fails(
         POOL_SVC,
         &["pool", "transfer-leader", "--label", "tank", "--to", "9"],

@@ -668,15 +668,26 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
                 label: label.clone(),
                 to_rank: to,
             };
-            let MgmtResponse::Leader(r) = mgmt(&t)?.call(&req).await? else {
+            let m = mgmt(&t)?;
+            let MgmtResponse::Leader(r) = m.call(&req).await? else {
                 return Err(Fail(2, "unexpected answer".into()));
             };
+            // The term the new leader serves in, as the replicas' hints tell it.
+            let term = match m
+                .call(&MgmtRequest::Locate {
+                    class: "pool".into(),
+                    label: label.clone(),
+                })
+                .await?
+            {
+                MgmtResponse::Instance(i) => leader_of(&i).await.filter(|(l, _)| *l == r).map(|(_, t)| t),
+                _ => None,
+            };
             if t.json {
-                print_json(&serde_json::json!({ "pool": label, "leader": r }));
-            } else if to == Some(r) && r != 0 {
-                println!("pool {label} is led by rank {r}");
+                print_json(&serde_json::json!({ "pool": label, "leader": r, "term": term }));
             } else {
-                println!("pool {label} is now led by rank {r}");
+                let term = term.map(|t| format!(" in term {t}")).unwrap_or_default();
+                println!("pool {label} is led by rank {r}{term}");
             }
             Ok(())
         }
