@@ -1,4 +1,6 @@
-//! Typed clients: a pool connection that keeps its handle alive, and containers on top of it.
+//! Typed clients: [`Pool`], a client of one pool's service that holds no handle (queries,
+//! properties, attributes), [`PoolClient`], a connection that holds a handle and keeps its
+//! lease alive (what containers need), and [`ContClient`] on top of it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,12 +19,20 @@ fn unexpected(r: PoolResponse) -> Error {
     ClientError::Codec(format!("unexpected answer {r:?}"))
 }
 
+/// A client of one pool's service. It opens no handle and runs no background task: queries,
+/// properties and attributes need none. [`Pool::connect`] opens a handle when a program needs
+/// one (containers do). Clones share one underlying client (its leader cache and sessions).
+#[derive(Clone)]
+pub struct Pool {
+    rpc: Arc<RsvcClient<PoolApi>>,
+}
+
 /// A connection to one pool: a handle whose lease a background task renews every third of its
 /// TTL. If the handle was evicted anyway (the client was paused, partitioned, or a leader
 /// evicted it), the next call, or the renewer, connects again by itself, and
-/// [`PoolClient::reconnects`] counts it.
+/// [`PoolClient::reconnects`] counts it. It derefs to its [`Pool`] for what needs no handle.
 pub struct PoolClient {
-    rpc: Arc<RsvcClient<PoolApi>>,
+    pool: Pool,
     name: String,
     ttl: Duration,
     handle: Arc<Mutex<Handle>>,
@@ -47,17 +57,26 @@ async fn connect(rpc: &RsvcClient<PoolApi>, name: &str, ttl: Duration) -> Result
     }
 }
 
-impl PoolClient {
-    /// Connects to pool `label`, found through `locator`, as client `name` with lease `ttl`.
-    pub async fn connect(
-        label: &str,
-        locator: Arc<dyn Locator>,
-        conns: Connections,
-        cfg: ClientConfig,
-        name: &str,
-        ttl: Duration,
-    ) -> Result<PoolClient, Error> {
-        let rpc = Arc::new(RsvcClient::<PoolApi>::new(label, locator, conns, cfg));
+impl std::ops::Deref for PoolClient {
+    type Target = Pool;
+
+    fn deref(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+impl Pool {
+    /// A client of pool `label`, found through `locator`. Nothing is sent yet.
+    pub fn new(label: &str, locator: Arc<dyn Locator>, conns: Connections, cfg: ClientConfig) -> Pool {
+        Pool {
+            rpc: Arc::new(RsvcClient::<PoolApi>::new(label, locator, conns, cfg)),
+        }
+    }
+
+    /// Opens a handle as client `name` with lease `ttl` (a replicated write), and keeps it
+    /// alive until the returned connection is dropped or disconnected.
+    pub async fn connect(&self, name: &str, ttl: Duration) -> Result<PoolClient, Error> {
+        let rpc = self.rpc.clone();
         let h = connect(&rpc, name, ttl).await?;
         let handle = Arc::new(Mutex::new(h));
         let reconnects = Arc::new(AtomicU64::new(0));
@@ -85,7 +104,7 @@ impl PoolClient {
             })
         };
         Ok(PoolClient {
-            rpc,
+            pool: self.clone(),
             name: name.to_string(),
             ttl,
             handle,
@@ -94,35 +113,9 @@ impl PoolClient {
         })
     }
 
-    /// The current pool handle.
-    pub fn handle(&self) -> Handle {
-        *self.handle.lock().expect("lock")
-    }
-
-    /// How often the handle had to be re-established after an eviction.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
     /// The underlying service client (leader cache, retry counters).
     pub fn rpc(&self) -> &RsvcClient<PoolApi> {
         &self.rpc
-    }
-
-    /// Sends a request built from the current handle; on `NoHandle`, reconnects once and
-    /// sends it again.
-    async fn with_handle(&self, make: impl Fn(Handle) -> PoolRequest) -> Result<PoolResponse, Error> {
-        let h = self.handle();
-        match self.rpc.call(&make(h)).await {
-            Err(ClientError::Service(PoolError::NoHandle)) => {
-                tracing::info!(client = %self.name, "pool handle evicted; reconnecting");
-                let n = connect(&self.rpc, &self.name, self.ttl).await?;
-                *self.handle.lock().expect("lock") = n;
-                self.reconnects.fetch_add(1, Ordering::Relaxed);
-                self.rpc.call(&make(n)).await
-            }
-            r => r,
-        }
     }
 
     /// Describes the pool.
@@ -206,6 +199,52 @@ impl PoolClient {
             })
             .await
             .map(|_| ())
+    }
+}
+
+impl PoolClient {
+    /// Connects to pool `label`, found through `locator`, as client `name` with lease `ttl`:
+    /// [`Pool::new`] and [`Pool::connect`] in one step.
+    pub async fn connect(
+        label: &str,
+        locator: Arc<dyn Locator>,
+        conns: Connections,
+        cfg: ClientConfig,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<PoolClient, Error> {
+        Pool::new(label, locator, conns, cfg).connect(name, ttl).await
+    }
+
+    /// The pool, for what needs no handle.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The current pool handle.
+    pub fn handle(&self) -> Handle {
+        *self.handle.lock().expect("lock")
+    }
+
+    /// How often the handle had to be re-established after an eviction.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Sends a request built from the current handle; on `NoHandle`, reconnects once and
+    /// sends it again.
+    async fn with_handle(&self, make: impl Fn(Handle) -> PoolRequest) -> Result<PoolResponse, Error> {
+        let h = self.handle();
+        match self.rpc.call(&make(h)).await {
+            Err(ClientError::Service(PoolError::NoHandle)) => {
+                tracing::info!(client = %self.name, "pool handle evicted; reconnecting");
+                let n = connect(&self.rpc, &self.name, self.ttl).await?;
+                *self.handle.lock().expect("lock") = n;
+                self.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.rpc.call(&make(n)).await
+            }
+            r => r,
+        }
     }
 
     /// Runs a container request under this connection's handle.

@@ -7,8 +7,9 @@
 //!
 //! - [`api`]: requests, responses and errors.
 //! - [`service`]: the `ReplicatedService`, with handle leases and the leader's evictor.
-//! - [`client`]: `PoolClient` (renews its lease in the background and reconnects by itself
-//!   after an eviction) and `ContClient`.
+//! - [`client`]: `Pool` (no handle: queries, properties, attributes), `PoolClient` (a handle
+//!   that renews its lease in the background and reconnects by itself after an eviction) and
+//!   `ContClient`.
 //!
 //! ## CAVEATS
 //!
@@ -21,7 +22,7 @@ pub mod client;
 pub mod service;
 
 pub use api::{AttrOp, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse, POOL_CLASS};
-pub use client::{ContClient, PoolClient};
+pub use client::{ContClient, Pool, PoolClient};
 pub use service::PoolService;
 
 /// The service factories an engine needs to host pools (and their containers).

@@ -378,3 +378,29 @@ async fn attribute_transactions_are_atomic_and_serializable() {
     assert_eq!(items.len(), 64, "no append applied twice: {list}");
     sys.shutdown().await;
 }
+
+/// Queries and attributes need no handle: a `Pool` opens none (no replicated write, no renewal
+/// task); `Pool::connect` opens one when a program needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_without_a_handle_opens_none() {
+    let sys = system().await;
+    sys.create_pool("bare").await;
+    let loc = Arc::new(MgmtLocator::new(sys.aps.clone(), Connections::default()));
+    let cfg = ClientConfig {
+        deadline: DEADLINE,
+        ..Default::default()
+    };
+    let pool = pool_svc::Pool::new("bare", loc, Connections::default(), cfg);
+    pool.attr_set("a", b"1").await.unwrap();
+    assert_eq!(pool.attr_get("a").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(pool.query().await.unwrap().handles, 0);
+    let raw = sys.raw("bare");
+    assert_eq!(handles(&raw).await, 0, "no handle for queries and attributes");
+    let conn = pool.connect("test", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(handles(&raw).await, 1);
+    // The connection shares the pool's client: what needs no handle goes through it as well.
+    assert_eq!(conn.attr_get("a").await.unwrap(), Some(b"1".to_vec()));
+    conn.disconnect().await.unwrap();
+    assert_eq!(handles(&raw).await, 0);
+    sys.shutdown().await;
+}
