@@ -22,7 +22,7 @@ fn replicas_of(sys: &System, label: &str) -> Vec<u64> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_u64().unwrap())
+        .map(|r| r["rank"].as_u64().unwrap())
         .collect()
 }
 

@@ -369,14 +369,17 @@ impl Engine {
     }
 
     /// Whether the first access point, which hosts no management replica, may bootstrap the
-    /// management service: only once every other access point has answered and none of them
-    /// hosts a management replica. Waits for the ones that do not answer; `false` if a system
-    /// exists already or the engine stops.
+    /// management service: only once a majority of the access points (itself included) has
+    /// answered and none of them hosts a management replica. Waits while fewer answer; `false`
+    /// if a system exists already or the engine stops.
     ///
     /// NB: without this, a first access point that lost its data directory would bootstrap a
     /// second, empty management service beside the real one, and clients that asked it would
-    /// see a system with no engines and no instances. Waiting for every access point at the
-    /// first start is what forming a system takes anyway.
+    /// see a system with no engines and no instances. The management service lives on the
+    /// access points, so a majority of them that knows of none means none has quorum. The
+    /// caveat: if the ones that do host it are all among the silent minority and the answering
+    /// ones lost their disks too, a second system forms; losing that many disks loses the
+    /// system anyway.
     async fn no_system_yet(&self, access_points: &[(u32, String)]) -> bool {
         use rsvc_client::mgmt::MGMT_CLASS;
         let others: Vec<&(u32, String)> = access_points
@@ -415,14 +418,16 @@ impl Engine {
                 .filter(|(_, a)| a.is_none())
                 .map(|(r, _)| *r)
                 .collect();
-            if silent.is_empty() {
+            // This engine counts as one of the access points that answered.
+            let answered = 1 + others.len() - silent.len();
+            if answered * 2 > others.len() + 1 {
                 return true;
             }
             if silent != waiting_for {
                 tracing::info!(
                     rank = self.inner.rank,
                     ?silent,
-                    "waiting for every access point before bootstrapping the management service"
+                    "waiting for a majority of the access points to answer before bootstrapping the management service"
                 );
                 waiting_for = silent;
             }
@@ -671,9 +676,18 @@ impl Engine {
             // the management service record (and acknowledge) an instance that the loss of this
             // one engine destroys for good (found by the fault suite's wipe nemesis). A replica
             // that applied an entry of a leader knows the group is on a quorum.
-            let s = host.db.status();
-            if !(s.leader.is_some() && s.applied_index.is_some_and(|i| i >= 1)) {
-                host.db.wait_up(BOOTSTRAP_TIMEOUT).await?;
+            let formed = || {
+                let s = host.db.status();
+                s.up_term.is_some() || (s.leader.is_some() && s.applied_index.is_some_and(|i| i >= 1))
+            };
+            let deadline = tokio::time::Instant::now() + BOOTSTRAP_TIMEOUT;
+            while !formed() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(EngineError::Rdb(rdb::Error::Timeout(
+                        "the new group elected no leader that committed its first entry".into(),
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         Ok(member)
@@ -870,7 +884,7 @@ fn replica_status(h: &Host) -> rsvc_client::ReplicaStatus {
         .into(),
         term: s.term,
         leader: s.leader.map(|l| l.rank),
-        serving: s.up_term.is_some(),
+        serving: h.db.up_term().is_some(),
         last_log_index: s.last_log_index,
         applied_index: s.applied_index,
         snapshot_index: s.snapshot_index,
@@ -930,6 +944,11 @@ impl pb::peer_server::Peer for PeerSvc {
         &self,
         _req: Request<pb::IdentifyRequest>,
     ) -> Result<Response<pb::IdentifyReply>, Status> {
+        // NB: a stopping engine drops its replicas one by one; a list taken now would make the
+        // management leader take them for lost and re-create them elsewhere in time.
+        if self.0.inner.stopping.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("engine stopping"));
+        }
         let hosted = self
             .0
             .hosts()

@@ -78,10 +78,14 @@ pub struct MgmtInner {
     down_after: Duration,
     /// When each engine last answered a health check; kept by the leader only.
     seen: Mutex<HashMap<u32, Instant>>,
-    /// Engines that failed the last completed round of probes. NB: a round can be held up by
-    /// a repair or a move; an engine counts as down only if a round saw it fail, never merely
-    /// because no round ran.
-    failing: Mutex<HashSet<u32>>,
+    /// Engines that failed the last completed rounds of probes, with how many in a row. NB: a
+    /// round can be held up by a repair or a move; an engine counts as down only if rounds saw
+    /// it fail, never merely because no round ran.
+    failing: Mutex<HashMap<u32, u32>>,
+    /// Lost replicas whose old identity left the group but whose new one could not be added
+    /// yet; retried every round. Kept by the leader only: a management failover in between
+    /// leaves the instance a replica short until an operator adds one.
+    pending: Mutex<Vec<Listed>>,
     /// Replicas found missing from their engine, since when; kept by the leader only (see
     /// [`lost_replicas`]).
     missing: Mutex<HashMap<Listed, Instant>>,
@@ -123,6 +127,7 @@ impl Mgmt {
                 down_after: probe_every * 2,
                 seen: Mutex::default(),
                 failing: Mutex::default(),
+                pending: Mutex::default(),
                 missing: Mutex::default(),
             }),
             monitor: Mutex::new(None),
@@ -138,7 +143,17 @@ impl MgmtInner {
             .expect("lock")
             .get(&rank)
             .is_some_and(|t| t.elapsed() > self.down_after)
-            && self.failing.lock().expect("lock").contains(&rank)
+            && self.failed_rounds(rank) >= 2
+    }
+
+    /// How many completed probe rounds in a row `rank` failed.
+    fn failed_rounds(&self, rank: u32) -> u32 {
+        self.failing
+            .lock()
+            .expect("lock")
+            .get(&rank)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// One round of the leader's monitor: ask every engine who it is and what it hosts (the
@@ -157,7 +172,7 @@ impl MgmtInner {
             return Err("unexpected answer".into());
         };
         let checks = ranks.iter().map(|r| async move {
-            let reply = tokio::time::timeout(self.probe_every / 2, self.identify(&r.addr)).await;
+            let reply = tokio::time::timeout(self.probe_every, self.identify(&r.addr)).await;
             // Only the engine of that rank and cluster counts as an answer.
             let hosted = match reply {
                 Ok(Ok(me)) if me.rank == r.rank && me.cluster == self.cluster => Some(
@@ -180,11 +195,14 @@ impl MgmtInner {
                     seen.insert(*rank, now);
                 }
             }
-            *self.failing.lock().expect("lock") = results
-                .iter()
-                .filter(|(_, h)| h.is_none())
-                .map(|(r, _)| *r)
-                .collect();
+            let mut failing = self.failing.lock().expect("lock");
+            for (rank, hosted) in &results {
+                if hosted.is_some() {
+                    failing.remove(rank);
+                } else {
+                    *failing.entry(*rank).or_default() += 1;
+                }
+            }
         }
         let hosted: HashMap<u32, HashSet<(String, String, u32)>> =
             results.into_iter().filter_map(|(r, h)| Some((r, h?))).collect();
@@ -201,12 +219,13 @@ impl MgmtInner {
         };
         for i in instances {
             for (dead, _) in &i.replicas {
-                let gone = self
-                    .seen
-                    .lock()
-                    .expect("lock")
-                    .get(dead)
-                    .is_some_and(|t| t.elapsed() > after);
+                let gone = self.failed_rounds(*dead) >= 2
+                    && self
+                        .seen
+                        .lock()
+                        .expect("lock")
+                        .get(dead)
+                        .is_some_and(|t| t.elapsed() > after);
                 if !gone {
                     continue;
                 }
@@ -255,8 +274,16 @@ impl MgmtInner {
         instances: &[InstanceInfo],
         hosted: &HashMap<u32, HashSet<(String, String, u32)>>,
     ) {
+        // Second steps left over from earlier rounds first.
+        let pending = std::mem::take(&mut *self.pending.lock().expect("lock"));
+        for l in pending {
+            self.add_back(client, db, ranks, &l).await;
+        }
+        // NB: a group of one replica that lost it has nothing to copy from: the instance is
+        // gone, and only an operator can destroy it.
         let mut listed: Vec<Listed> = instances
             .iter()
+            .filter(|i| i.replicas.len() > 1)
             .flat_map(|i| {
                 i.replicas.iter().map(|(rank, _)| {
                     let gen = i.gens.iter().find(|(r, _)| r == rank).map_or(1, |(_, g)| *g);
@@ -277,55 +304,91 @@ impl MgmtInner {
             let mut missing = self.missing.lock().expect("lock");
             lost_replicas(&listed, hosted, &mut missing, Instant::now())
         };
-        for (class, label, rank, gen) in lost {
+        for l in lost {
+            let (class, label, rank, gen) = &l;
             tracing::warn!(%class, %label, rank, gen, "replica lost by its engine (wiped data?); re-creating it under a new generation");
-            let res = if class == MGMT_CLASS {
-                self.repair_mgmt(db, ranks, rank, gen).await
+            // The old identity leaves the group first, so that it can never vote again.
+            let removed = if class == MGMT_CLASS {
+                db.remove_replica(rdb::ReplicaId::new(*rank, *gen))
+                    .await
+                    .map_err(|e| e.to_string())
             } else {
-                async {
-                    let rm = MgmtRequest::RemoveReplica {
-                        class: class.clone(),
-                        label: label.clone(),
-                        rank,
-                    };
-                    client.call(&rm).await.map_err(|e| e.to_string())?;
-                    let add = MgmtRequest::AddReplica {
-                        class: class.clone(),
-                        label: label.clone(),
-                        rank,
-                    };
-                    client.call(&add).await.map_err(|e| e.to_string()).map(|_| ())
-                }
-                .await
+                let rm = MgmtRequest::RemoveReplica {
+                    class: class.clone(),
+                    label: label.clone(),
+                    rank: *rank,
+                };
+                client.call(&rm).await.map(|_| ()).map_err(|e| e.to_string())
             };
-            match res {
+            match removed {
                 Ok(()) => {
-                    tracing::info!(%class, %label, rank, old_gen = gen, "re-created a lost replica");
+                    self.missing.lock().expect("lock").remove(&l);
+                    self.add_back(client, db, ranks, &l).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%class, %label, rank, cause = %e, "could not remove a lost replica's identity yet");
+                    // Back off: judge it anew from now.
                     self.missing
                         .lock()
                         .expect("lock")
-                        .remove(&(class, label, rank, gen));
-                }
-                Err(e) => {
-                    tracing::warn!(%class, %label, rank, cause = %e, "could not re-create a lost replica yet")
+                        .insert(l.clone(), Instant::now());
                 }
             }
         }
     }
 
-    /// Replaces the management replica `(rank, gen)` that its engine lost by a new one of the
-    /// next generation.
-    async fn repair_mgmt(&self, db: &rdb::Db, ranks: &[RankInfo], rank: u32, gen: u32) -> Result<(), String> {
+    /// The second step of a repair: a replica of the next generation on the same rank. If it
+    /// fails, it stays pending and the next round tries again.
+    async fn add_back(
+        &self,
+        client: &rsvc_client::RsvcClient<MgmtApi>,
+        db: &rdb::Db,
+        ranks: &[RankInfo],
+        l: &Listed,
+    ) {
+        let (class, label, rank, gen) = l;
+        let res = if class == MGMT_CLASS {
+            self.add_mgmt(db, ranks, *rank, gen + 1).await
+        } else {
+            let add = MgmtRequest::AddReplica {
+                class: class.clone(),
+                label: label.clone(),
+                rank: *rank,
+            };
+            match client.call(&add).await {
+                Ok(_) => Ok(()),
+                // Destroyed meanwhile, or re-added by someone else: nothing left to do.
+                Err(rsvc_client::ClientError::Service(MgmtError::NotFound(_))) => Ok(()),
+                Err(rsvc_client::ClientError::Service(MgmtError::Invalid(m)))
+                    if m.contains("already hosts") =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match res {
+            Ok(()) => tracing::info!(%class, %label, rank, old_gen = gen, "re-created a lost replica"),
+            Err(e) => {
+                tracing::warn!(%class, %label, rank, cause = %e, "could not add a lost replica back yet; trying again");
+                self.pending.lock().expect("lock").push(l.clone());
+            }
+        }
+    }
+
+    /// Adds a management replica of generation `gen` on `rank` (gone from the group under its
+    /// old generation), unless the rank has one already.
+    async fn add_mgmt(&self, db: &rdb::Db, ranks: &[RankInfo], rank: u32, gen: u32) -> Result<(), String> {
+        if db.status().voters.iter().any(|v| v.rank == rank) {
+            return Ok(());
+        }
         let addr = ranks
             .iter()
             .find(|r| r.rank == rank)
             .map(|r| r.addr.clone())
             .ok_or_else(|| format!("rank {rank} is not in the system map"))?;
-        db.remove_replica(rdb::ReplicaId::new(rank, gen))
-            .await
-            .map_err(|e| e.to_string())?;
         let member = self
-            .start_on(&addr, MGMT_CLASS, MGMT_INSTANCE, db.ident().db, gen + 1, &[])
+            .start_on(&addr, MGMT_CLASS, MGMT_INSTANCE, db.ident().db, gen, &[])
             .await?;
         db.add_replica(member).await.map_err(|e| e.to_string())
     }

@@ -1164,12 +1164,51 @@ async fn prepare(cfg: &RunConfig, dir: &Path) -> Result<(Vec<Tmpfs>, RsvcSystem,
 
 /// Runs one seed; returns its report. Errors are harness failures (a system that would not
 /// start), not findings.
-pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
+pub async fn run(cfg: RunConfig) -> Result<RunReport, RunError> {
     let dir = cfg.dir.join(format!("seed-{}", cfg.seed));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    // NB: `mounts` outlives `run` (and its engines): locals drop in reverse order.
-    let (mounts, sys, faults) = prepare(&cfg, &dir).await?;
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::Start(format!("{}: {e}", dir.display())))?;
+    // NB: `mounts` outlives `run_started` (and its engines): they drop after it returns.
+    let (mounts, sys, faults) = prepare(&cfg, &dir).await.map_err(RunError::Start)?;
+    let r = run_started(&cfg, &dir, sys, &faults)
+        .await
+        .map_err(RunError::Failed);
+    drop(mounts);
+    let report = r?;
+    if report.passed() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(report)
+}
+
+/// Why a run produced no report.
+#[derive(Debug)]
+pub enum RunError {
+    /// The system would not start (a port taken between the harness choosing it and an engine
+    /// binding it, a mount that failed): not a finding; the seed may run again.
+    Start(String),
+    /// The run failed after the system started: a client got an answer it should not, a final
+    /// read failed. A finding; its directory is kept.
+    Failed(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Start(e) => write!(f, "the system did not start: {e}"),
+            RunError::Failed(e) => write!(f, "the run failed: {e}"),
+        }
+    }
+}
+
+/// The run after its system started: workload, faults, final reads, checks.
+async fn run_started(
+    cfg: &RunConfig,
+    dir: &Path,
+    sys: RsvcSystem,
+    faults: &[FaultKind],
+) -> Result<RunReport, String> {
+    let cfg = cfg.clone();
     let mut run = Run {
         cfg: &cfg,
         sys,
@@ -1206,7 +1245,7 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
             stop.clone(),
         )));
     }
-    let (records, stuck) = run.faults(&faults).await?;
+    let (records, stuck) = run.faults(faults).await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in clients {
         c.await.map_err(|e| e.to_string())??;
@@ -1214,14 +1253,11 @@ pub async fn run(cfg: RunConfig) -> Result<RunReport, String> {
     let final_values = run.final_reads().await?;
     let events = run.history.events.lock().expect("lock").clone();
     let txns = run.history.txns.lock().expect("lock").clone();
-    let mut report = check_run(&cfg, &dir, &run.history, &events, records, stuck, &final_values);
+    let mut report = check_run(&cfg, dir, &run.history, &events, records, stuck, &final_values);
     report.txns = txns.len();
     report.txn_anomalies = elle::check(&txns).iter().map(ToString::to_string).collect();
     drop(run);
-    drop(mounts);
-    if report.passed() {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
+    if !report.passed() {
         let mut dump = String::new();
         for e in &events {
             let _ = writeln!(dump, "{e:?}");

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Runs an engine until SIGTERM or SIGINT, then hands over leadership and stops.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Waits until N engines are up in the system map.
     Wait {
         #[command(flatten)]
@@ -117,7 +117,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     match cli.cmd {
         Cmd::Serve(args) => {
             let factories: Vec<Arc<dyn ServiceFactory>> = vec![Arc::new(FnFactory::new(|_: &str| Counter))];
-            rsvc_server::cli::serve("rsvc-engine", args, factories)
+            rsvc_server::cli::serve("rsvc-engine", *args, factories)
                 .await
                 .map_err(|e| (exit::USAGE, e))
         }

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Runs an engine hosting the management, pool and container services.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// System-wide views.
     System {
         #[command(subcommand)]
@@ -414,7 +414,7 @@ fn hex(b: &[u8]) -> String {
 
 async fn run(cli: Cli) -> Result<(), Fail> {
     match cli.cmd {
-        Cmd::Serve(args) => rsvc_server::cli::serve("pool-svc", args, pool_svc::factories())
+        Cmd::Serve(args) => rsvc_server::cli::serve("pool-svc", *args, pool_svc::factories())
             .await
             .map_err(usage),
         Cmd::Demo(args) => demo::run(args).await.map_err(|e| Fail(1, e)),

@@ -50,7 +50,7 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum EngineCmd {
-    Serve(rsvc_server::cli::ServeArgs),
+    Serve(Box<rsvc_server::cli::ServeArgs>),
 }
 
 /// What to run and how long.
@@ -164,7 +164,7 @@ fn main() -> std::process::ExitCode {
         cmd: EngineCmd::Serve(args),
     }) = cli.cmd
     {
-        return rsvc_tests::serve_engine("rsvc-bench engine", args);
+        return rsvc_tests::serve_engine("rsvc-bench engine", *args);
     }
     if let Some(Cmd::Campaign(args)) = cli.cmd {
         return rsvc_server::cli::run_main(

@@ -74,7 +74,7 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum EngineCmd {
-    Serve(rsvc_server::cli::ServeArgs),
+    Serve(Box<rsvc_server::cli::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -83,7 +83,7 @@ fn main() -> ExitCode {
         cmd: EngineCmd::Serve(args),
     }) = cli.cmd
     {
-        return rsvc_tests::serve_engine("rsvc-fault engine", args);
+        return rsvc_tests::serve_engine("rsvc-fault engine", *args);
     }
     rsvc_server::cli::run_main("rsvc-fault", rsvc_server::cli::Logging::Command, async {
         suite(cli).await.map_err(|e| (1, e))
@@ -134,13 +134,20 @@ async fn suite(cli: Cli) -> Result<(), String> {
             attempt += 1;
             match nemesis::run(cfg.clone()).await {
                 Ok(r) => break Some(r),
-                Err(e) if attempt < HARNESS_ATTEMPTS => {
+                Err(nemesis::RunError::Start(e)) if attempt < HARNESS_ATTEMPTS => {
                     println!("seed {seed}: harness error ({e}); running it again");
                 }
-                Err(e) => {
+                Err(nemesis::RunError::Start(e)) => {
                     println!("seed {seed}: harness error ({e}); skipped");
                     harness_errors.push(seed);
                     break None;
+                }
+                // A run that failed after its system started is a finding, not noise.
+                Err(e) => {
+                    return Err(format!(
+                        "seed {seed}: {e}; its files are in {}",
+                        cfg.dir.display()
+                    ))
                 }
             }
         };
