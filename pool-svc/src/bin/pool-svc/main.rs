@@ -342,19 +342,22 @@ async fn replica_rows(t: &Target, label: &str, only: Option<u32>) -> Result<Vec<
             ),
         ));
     }
+    // All at once: a paused engine costs the command one timeout, not one each.
     let conns = t.connections();
-    let mut rows = Vec::new();
-    for (rank, addr) in targets {
-        let status = rsvc_client::replica_status(&conns, addr, Some("pool"), Some(label), t.timeout)
-            .await
-            .map(|v| v.into_iter().next());
-        rows.push(ReplicaRow {
-            rank: *rank,
-            addr: addr.clone(),
-            status,
-        });
-    }
-    Ok(rows)
+    let asks = targets.into_iter().map(|(rank, addr)| {
+        let conns = &conns;
+        async move {
+            let status = rsvc_client::replica_status(conns, addr, Some("pool"), Some(label), t.timeout)
+                .await
+                .map(|v| v.into_iter().next());
+            ReplicaRow {
+                rank: *rank,
+                addr: addr.clone(),
+                status,
+            }
+        }
+    });
+    Ok(futures::future::join_all(asks).await)
 }
 
 /// The applied index of the replica that serves as leader, if one answered.
