@@ -169,7 +169,7 @@ async fn enospc_on_the_leader_stops_it_without_losing_acknowledged_writes() {
 
     // Space returns; the replica restarts and catches up.
     c.nodes[l].faults.set_full(false);
-    c.stop(l).await;
+    c.stop_after_storage_error(l).await;
     c.start(l).await.unwrap();
     let target = c.db(others[0]).status().last_log_index.unwrap();
     c.wait_applied(target).await;
@@ -192,7 +192,7 @@ async fn enospc_on_a_follower_leaves_the_group_writable() {
     })
     .await;
     c.nodes[f].faults.set_full(false);
-    c.stop(f).await;
+    c.stop_after_storage_error(f).await;
     c.start(f).await.unwrap();
     let target = c.db(l).status().last_log_index.unwrap();
     c.wait_applied(target).await;
@@ -220,7 +220,7 @@ async fn a_leader_that_lost_unflushed_entries_comes_back_without_forking_the_log
     .await;
     // Back at once, before the followers' lease on it ran out, as the engine reopens it.
     c.nodes[l].faults.set_full(false);
-    c.stop(l).await;
+    c.stop_after_storage_error(l).await;
     c.start(l).await.unwrap();
     c.put("after", "y").await;
     let (_, now) = c.leader().await;

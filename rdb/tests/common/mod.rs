@@ -131,6 +131,20 @@ impl Cluster {
         }
     }
 
+    /// Stops replica `i` after an injected storage error, as the engine's reopen loop does: the
+    /// final sync of the state machine may fail then (redb wants a reopen after a failed
+    /// commit), which loses nothing, since the log holds every applied entry. Any other error
+    /// still fails the test.
+    pub async fn stop_after_storage_error(&mut self, i: usize) {
+        self.net.unregister(&self.nodes[i].addr);
+        if let Some(db) = self.nodes[i].db.take() {
+            match db.stop().await {
+                Ok(()) | Err(rdb::Error::Storage(_)) => {}
+                Err(e) => panic!("stop: {e:?}"),
+            }
+        }
+    }
+
     pub fn db(&self, i: usize) -> &Db {
         self.nodes[i].db.as_ref().expect("replica running")
     }
