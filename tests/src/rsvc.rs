@@ -156,6 +156,25 @@ impl RsvcSystem {
     /// Starts the system `spec` describes, data under `dir`, and waits until every engine
     /// has joined.
     pub async fn start_spec(dir: &Path, cmd: EngineCmd, spec: Spec) -> Result<RsvcSystem, String> {
+        // NB: a port found free can be taken before the engine binds it (by another engine's
+        // outgoing connection, most often). That is the harness's race, not the system's: start
+        // the whole system again on fresh ports and empty data directories.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(dir, cmd.clone(), spec.clone()).await {
+                Err(e) if attempt < 3 && e.contains("in use") => {
+                    tracing::warn!(attempt, cause = %e, "a port was taken before an engine bound it; starting again");
+                    for rank in 1..=spec.engines {
+                        let _ = empty_dir(&Self::data_dir_in(dir, rank));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn start_once(dir: &Path, cmd: EngineCmd, spec: Spec) -> Result<RsvcSystem, String> {
         if spec.access_points == 0 || spec.access_points > spec.engines {
             return Err(format!(
                 "{} access points of {} engines",
@@ -274,9 +293,17 @@ impl RsvcSystem {
         let log = self.log(rank);
         let e = self.engines.get_mut(&rank).ok_or("no such rank")?;
         let p = e.proc.as_mut().ok_or("not running")?;
-        p.line_with(" ready ", DEADLINE)
-            .await
-            .map_err(|err| format!("engine {rank}: {err} (see {})", log.display()))?;
+        p.line_with(" ready ", DEADLINE).await.map_err(|err| {
+            // The log goes with a temporary directory: say here why the engine did not start.
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "engine {rank}: {err} (see {}); its log ends:\n{}",
+                log.display(),
+                tail.join("\n")
+            )
+        })?;
         Ok(())
     }
 
@@ -405,18 +432,7 @@ impl RsvcSystem {
             return Err(format!("rank {rank} is running; stop it before wiping its data"));
         }
         let dir = self.data_dir(rank);
-        let wipe = || -> std::io::Result<()> {
-            for entry in std::fs::read_dir(&dir)? {
-                let path = entry?.path();
-                if path.is_dir() {
-                    std::fs::remove_dir_all(&path)?;
-                } else {
-                    std::fs::remove_file(&path)?;
-                }
-            }
-            Ok(())
-        };
-        wipe().map_err(|err| format!("wipe {}: {err}", dir.display()))
+        empty_dir(&dir).map_err(|err| format!("wipe {}: {err}", dir.display()))
     }
 
     /// Waits until the engine of `rank` hosts every replica in `before` (how far each had
@@ -641,4 +657,17 @@ impl Pinger {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+}
+
+/// Removes everything inside `dir`, which stays (it may be a mount point or a symlink).
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
