@@ -653,8 +653,25 @@ impl Engine {
             return Err(EngineError::UnknownClass(class.into()));
         }
         let dir = self.replica_dir(class, instance);
+        // NB: the generation the caller asks for is the management directory's, and it is
+        // authoritative. A replica of an older generation of the same group is an orphan (of a
+        // repair or a move that failed half-way): replace it, or the directory would list an
+        // identity this engine does not host, and take it for lost forever.
+        if let Some(h) = self.host(class, instance) {
+            let have = h.db.ident();
+            if have.db == db && have.replica.gen < gen {
+                tracing::info!(%class, %instance, old_gen = have.replica.gen, gen, "replacing an orphaned replica of an older generation");
+                self.stop_replica(class, instance, true).await?;
+            }
+        }
         let member = match self.host(class, instance) {
-            Some(h) if h.db.ident().db == db => h.db.member(),
+            Some(h) if h.db.ident().db == db && h.db.ident().replica.gen == gen => h.db.member(),
+            Some(h) if h.db.ident().db == db => {
+                return Err(EngineError::Rdb(rdb::Error::Exists(format!(
+                    "{class}/{instance} lives here at generation {}, newer than {gen}",
+                    h.db.ident().replica.gen
+                ))))
+            }
             Some(_) => {
                 return Err(EngineError::Rdb(rdb::Error::Exists(format!(
                     "another {class}/{instance} lives here"

@@ -641,3 +641,33 @@ async fn a_failed_step_up_gives_leadership_away() {
         e.shutdown().await;
     }
 }
+
+/// `start_replica` is idempotent for the generation asked for, replaces an orphan of an older
+/// generation of the same group (left by a repair that failed half-way), and refuses to go
+/// back to an older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_replica_replaces_an_orphan_of_an_older_generation() {
+    init_tracing();
+    let tmp = TempDir::new().unwrap();
+    let cfg = EngineConfig {
+        rank: 1,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        data_dir: tmp.path().join("engine1"),
+        cluster: "test".into(),
+        db: DbConfig::fast(),
+        access_points: vec![],
+        reconf_after: None,
+    };
+    let e = Engine::start(cfg, factories()).await.unwrap();
+    let db = DbId::random();
+    let g1 = e.start_replica("counter", "o", db, 1, vec![]).await.unwrap();
+    assert_eq!(g1.replica.gen, 1);
+    let again = e.start_replica("counter", "o", db, 1, vec![]).await.unwrap();
+    assert_eq!(again, g1, "the same generation again is the same replica");
+    let g2 = e.start_replica("counter", "o", db, 2, vec![]).await.unwrap();
+    assert_eq!(g2.replica.gen, 2, "an older generation is replaced");
+    assert_ne!(g2.storage_id, g1.storage_id, "by a new incarnation");
+    assert!(e.start_replica("counter", "o", db, 1, vec![]).await.is_err());
+    e.shutdown().await;
+}
