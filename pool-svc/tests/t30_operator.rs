@@ -564,3 +564,102 @@ async fn replica_status_shows_roles_lag_and_a_dead_engine() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("leader*") && text.contains("down"), "{text}");
 }
+
+/// The catastrophic path (issue 12, CLI 6): a pool that lost two of its three replicas for
+/// good. `replicas dictate` needs its confirmation flag and refuses while the pool has a
+/// quorum; once the quorum is gone it makes the survivor the only replica, which keeps what was
+/// written and leads. Replicas added afterwards restore the pool, and the lost replica that
+/// comes back with its engine is destroyed rather than left campaigning in the old group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dictate_recovers_a_pool_that_lost_its_quorum_for_good() {
+    let mut sys = System::start(5).await;
+    sys.json(
+        POOL_SVC,
+        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
+    );
+    sys.json(
+        POOL_SVC,
+        &["pool", "set-attr", "--label", "tank", "k", "before", "--json"],
+    );
+    let dictate = ["replicas", "dictate", "--label", "tank"];
+    let err = sys.fails(POOL_SVC, &dictate, 2);
+    assert!(err.contains("--confirm-data-loss"), "{err}");
+    let confirmed = [&dictate[..], &["--confirm-data-loss", "--json"]].concat();
+    let out = sys.run(POOL_SVC, &confirmed);
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err["error"]["code"], "refused", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("dictate refused"),
+        "{err}"
+    );
+
+    let replicas = replicas_of(&sys, "tank");
+    let (survivor, lost) = (replicas[0] as u32, [replicas[1] as u32, replicas[2] as u32]);
+    for r in lost {
+        sys.rsvc.kill(r).await.unwrap();
+    }
+    // The survivor may still lead for a moment (until its quorum timeout): refused until then.
+    let out = sys.wait_for("the dictate to be accepted", || {
+        let out = sys.run(POOL_SVC, &confirmed);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        match out.status.code() {
+            Some(0) => Some(v),
+            Some(1) if v["error"]["message"].as_str().unwrap().contains("has a leader") => None,
+            _ => panic!("dictate failed: {v}"),
+        }
+    });
+    assert_eq!(out["rank"], survivor, "{out}");
+    assert!(out["term"].as_u64().unwrap() > 1, "{out}");
+    assert_eq!(replicas_of(&sys, "tank"), vec![u64::from(survivor)]);
+    let v = sys.json(POOL_SVC, &["pool", "get-attr", "--label", "tank", "k", "--json"]);
+    assert_eq!(v["value"], "before", "{v}");
+
+    // Back to three replicas, on the two engines that never had one.
+    let spares: Vec<u32> = (1..=5).filter(|r| !replicas.contains(&u64::from(*r))).collect();
+    for r in &spares {
+        sys.json(
+            POOL_SVC,
+            &[
+                "replicas",
+                "add",
+                "--label",
+                "tank",
+                "--rank",
+                &r.to_string(),
+                "--json",
+            ],
+        );
+    }
+    sys.json(
+        POOL_SVC,
+        &["pool", "set-attr", "--label", "tank", "k", "after", "--json"],
+    );
+    let mut want: Vec<u64> = spares.iter().map(|r| u64::from(*r)).collect();
+    want.push(u64::from(survivor));
+    want.sort_unstable();
+    assert_eq!(replicas_of(&sys, "tank"), want);
+
+    // A lost engine comes back with its old replica: the monitor destroys it.
+    sys.rsvc.restart(lost[0]).await.unwrap();
+    let pool = ("pool".to_string(), "tank".to_string());
+    let start = Instant::now();
+    loop {
+        let hosted = sys.rsvc.status(lost[0]).await;
+        let on_disk = sys.rsvc.data_dir(lost[0]).join("pool").join("tank").exists();
+        if hosted.as_ref().is_ok_and(|h| !h.contains_key(&pool)) && !on_disk {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "rank {} still hosts its old replica: {hosted:?}",
+            lost[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = sys.json(POOL_SVC, &["pool", "get-attr", "--label", "tank", "k", "--json"]);
+    assert_eq!(v["value"], "after", "{v}");
+}

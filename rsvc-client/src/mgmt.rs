@@ -93,6 +93,16 @@ pub enum MgmtRequest {
         label: String,
         to_rank: Option<u32>,
     },
+    /// Catastrophic recovery of an instance whose quorum is lost for good (DAOS's dictate,
+    /// etcd's `--force-new-cluster`): the surviving replica on `rank` (`None`: the one with the
+    /// longest log) becomes the only voter and leads, the other replicas that still answer are
+    /// destroyed, and the directory lists the survivor alone. Refused while a quorum of the
+    /// replicas answers or one leads. DANGEROUS: writes the survivor never received are lost.
+    Dictate {
+        class: String,
+        label: String,
+        rank: Option<u32>,
+    },
     /// Where an instance lives.
     Locate { class: String, label: String },
     /// Every instance, optionally of one class.
@@ -116,6 +126,15 @@ pub enum MgmtResponse {
     Instances(Vec<InstanceInfo>),
     /// The rank that leads an instance after a transfer.
     Leader(u32),
+    /// An instance after a dictate: its one replica, on `rank`, leads in `term`.
+    Dictated {
+        /// The instance as the directory now lists it.
+        instance: InstanceInfo,
+        /// The survivor's rank.
+        rank: u32,
+        /// The term it leads in.
+        term: u64,
+    },
 }
 
 /// Errors of the management service.
@@ -147,6 +166,12 @@ pub enum MgmtError {
     /// firewall); it may retry.
     #[error("engine not reachable: {0}")]
     Unreachable(String),
+    /// A dictate was refused: the instance has a quorum or a leader, or no survivor answers.
+    #[error("dictate refused: {0}")]
+    DictateRefused(String),
+    /// The survivor could not be made the only voter; the directory is unchanged.
+    #[error("dictate failed: {0}")]
+    DictateFailed(String),
     /// A bad argument.
     #[error("invalid: {0}")]
     Invalid(String),
@@ -172,6 +197,7 @@ impl ServiceApi for MgmtApi {
                 | MgmtRequest::DestroyInstance { .. }
                 | MgmtRequest::AddReplica { .. }
                 | MgmtRequest::RemoveReplica { .. }
+                | MgmtRequest::Dictate { .. }
         )
     }
 }

@@ -710,6 +710,65 @@ impl Engine {
         Ok(member)
     }
 
+    /// Catastrophic recovery (DAOS's `DICTATE` start mode): makes the replica of
+    /// `class/instance` here, of database `db` and generation `gen`, the only voter of its
+    /// group, and waits until it leads. Answers its member and the term it leads in.
+    ///
+    /// DANGEROUS: entries that other replicas committed and this one never received are lost.
+    /// The caller (the management service) checks that the group's quorum is gone, and takes
+    /// the other replicas out of its directory.
+    pub async fn dictate_replica(
+        &self,
+        class: &str,
+        instance: &str,
+        db: DbId,
+        gen: u32,
+    ) -> Result<(Member, u64), EngineError> {
+        let host = self.host(class, instance).ok_or_else(|| {
+            EngineError::Rdb(rdb::Error::NotFound(format!(
+                "no replica of {class}/{instance} here"
+            )))
+        })?;
+        let have = host.db.ident();
+        if have.db != db || have.replica.gen != gen {
+            return Err(EngineError::Invalid(format!(
+                "the replica of {class}/{instance} here is generation {} of another group or generation than asked ({gen})",
+                have.replica.gen
+            )));
+        }
+        if host.db.up_term().is_some() {
+            return Err(EngineError::Invalid(format!(
+                "the replica of {class}/{instance} here leads; its group has a quorum"
+            )));
+        }
+        let dir = host.db.dir().to_path_buf();
+        drop(host);
+        self.stop_replica(class, instance, false).await?;
+        let rewritten = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || Db::dictate(&dir))
+                .await
+                .map_err(|e| EngineError::Invalid(format!("dictate panicked: {e}")))?
+        };
+        // Whatever became of the rewrite, the replica must run again: a replica left stopped
+        // would be taken for lost by the management service.
+        let db = self.open_replica(class, instance, &dir).await?;
+        rewritten?;
+        let deadline = tokio::time::Instant::now() + BOOTSTRAP_TIMEOUT;
+        loop {
+            if let Some(term) = db.up_term() {
+                tracing::warn!(%class, %instance, term, "dictated: this replica is now its group's only voter, and leads");
+                return Ok((db.member(), term));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EngineError::Rdb(rdb::Error::Timeout(
+                    "the dictated replica did not step up".into(),
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops a hosted replica and, with `destroy`, removes its files.
     pub async fn stop_replica(&self, class: &str, instance: &str, destroy: bool) -> Result<(), EngineError> {
         let host = self.inner.hosts.write().expect("lock").remove(class, instance);
@@ -1048,6 +1107,26 @@ impl pb::peer_server::Peer for PeerSvc {
         self.change(req.into_inner())
             .await
             .map(|()| Response::new(pb::ChangeReplicasReply {}))
+    }
+
+    async fn dictate_replica(
+        &self,
+        req: Request<pb::DictateReplicaRequest>,
+    ) -> Result<Response<pb::DictateReplicaReply>, Status> {
+        let r = req.into_inner();
+        if r.cluster != self.0.inner.cluster {
+            return Err(Status::permission_denied("wrong cluster"));
+        }
+        let db = wire::db_from(&r.db).map_err(Status::invalid_argument)?;
+        match self.0.dictate_replica(&r.class, &r.instance, db, r.gen).await {
+            Ok((m, term)) => Ok(Response::new(pb::DictateReplicaReply {
+                member: Some(wire::member_to(&m)),
+                term,
+            })),
+            Err(EngineError::Rdb(rdb::Error::NotFound(m))) => Err(Status::not_found(m)),
+            Err(EngineError::Invalid(m)) => Err(Status::failed_precondition(m)),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn stop_replica(

@@ -300,6 +300,19 @@ impl MgmtInner {
                 .filter(|v| **v != me)
                 .map(|v| (MGMT_CLASS.to_string(), MGMT_INSTANCE.to_string(), v.rank, v.gen)),
         );
+        for (rank, class, label, gen) in stray_replicas(instances, hosted) {
+            let Some(r) = ranks.iter().find(|r| r.rank == rank) else {
+                continue;
+            };
+            match self.stop_on(&r.addr, &class, &label).await {
+                Ok(()) => {
+                    tracing::warn!(%class, %label, rank, gen, "destroyed a stray replica: its group no longer has it (a dictate, or a removal while its engine was down)")
+                }
+                Err(e) => {
+                    tracing::warn!(%class, %label, rank, cause = %e, "could not destroy a stray replica")
+                }
+            }
+        }
         let lost = {
             let mut missing = self.missing.lock().expect("lock");
             lost_replicas(&listed, hosted, &mut missing, Instant::now())
@@ -754,6 +767,104 @@ impl MgmtInner {
         Ok(MgmtResponse::Instance(info))
     }
 
+    /// See [`MgmtRequest::Dictate`]. The survivor is asked over the peer port, and only once it
+    /// leads alone does the directory change; the replicas that still answer are destroyed
+    /// after that, since they would otherwise campaign in the old group.
+    async fn dictate(
+        &self,
+        ctx: &mut Ctx,
+        class: String,
+        label: String,
+        rank: Option<u32>,
+    ) -> Result<MgmtResponse, MgmtError> {
+        let (key, mut info) = Self::existing(&mut ctx.tx, &class, &label).await?;
+        let name = named(&class, &label);
+        let gen_of = |rank: u32| info.gens.iter().find(|(r, _)| *r == rank).map_or(1, |(_, g)| *g);
+        let conns = self.peers.clients();
+        let wait = self.probe_every.max(Duration::from_secs(1));
+        let asks = info.replicas.iter().map(|(r, addr)| {
+            let conns = &conns;
+            let (class, label) = (&class, &label);
+            async move {
+                let got = rsvc_client::replica_status(conns, addr, Some(class), Some(label), wait).await;
+                (*r, addr.clone(), got)
+            }
+        });
+        // A survivor: its engine answers and runs the listed generation of the replica.
+        let alive: Vec<(u32, String, rsvc_client::ReplicaStatus)> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|(r, addr, got)| {
+                let s = got
+                    .ok()?
+                    .into_iter()
+                    .find(|s| s.gen == gen_of(r) && s.stopped.is_none())?;
+                Some((r, addr, s))
+            })
+            .collect();
+        if let Some((_, _, s)) = alive.iter().find(|(_, _, s)| s.serving) {
+            return Err(MgmtError::DictateRefused(format!(
+                "{name} has a leader (rank {}, term {}); dictate is for a quorum lost for good",
+                s.rank, s.term
+            )));
+        }
+        let quorum = info.replicas.len() / 2 + 1;
+        let ranks_of = |v: &[(u32, String, rsvc_client::ReplicaStatus)]| {
+            v.iter().map(|(r, _, _)| *r).collect::<Vec<_>>()
+        };
+        if alive.len() >= quorum {
+            return Err(MgmtError::DictateRefused(format!(
+                "{} of the {} replicas of {name} answer (ranks {:?}), a quorum: it will elect a leader; see `replicas status`",
+                alive.len(),
+                info.replicas.len(),
+                ranks_of(&alive)
+            )));
+        }
+        let chosen = match rank {
+            Some(want) => alive.iter().find(|(r, _, _)| *r == want).ok_or_else(|| {
+                MgmtError::DictateRefused(format!(
+                    "rank {want} has no replica of {name} that answers; those that do: {:?}",
+                    ranks_of(&alive)
+                ))
+            })?,
+            None => alive
+                .iter()
+                .max_by_key(|(r, _, s)| (s.last_log_index, s.applied_index, std::cmp::Reverse(*r)))
+                .ok_or_else(|| MgmtError::DictateRefused(format!("no replica of {name} answers")))?,
+        };
+        let (survivor, addr, _) = chosen.clone();
+        let mut peer = self.peers.peer(&addr).map_err(MgmtError::DictateFailed)?;
+        let req = pb::DictateReplicaRequest {
+            cluster: self.cluster.clone(),
+            class: class.clone(),
+            instance: label.clone(),
+            db: DbId(info.db).0.to_be_bytes().to_vec(),
+            gen: gen_of(survivor),
+        };
+        let reply = peer
+            .dictate_replica(req)
+            .await
+            .map_err(|s| MgmtError::DictateFailed(format!("rank {survivor}: {}", s.message())))?
+            .into_inner();
+        for (r, addr, _) in alive.iter().filter(|(r, _, _)| *r != survivor) {
+            if let Err(e) = self.stop_on(addr, &class, &label).await {
+                tracing::warn!(rank = r, cause = %e, "could not destroy a replica left out by a dictate; the monitor will");
+            }
+        }
+        info.replicas.retain(|(r, _)| *r == survivor);
+        ctx.tx.update(
+            &instances(),
+            key.into_bytes(),
+            postcard::to_allocvec(&info).map_err(storage)?,
+        );
+        tracing::warn!(%class, %label, rank = survivor, term = reply.term, "dictated: one replica left, leading alone");
+        Ok(MgmtResponse::Dictated {
+            instance: info,
+            rank: survivor,
+            term: reply.term,
+        })
+    }
+
     /// Gives an access point that joined a replica of the management service.
     async fn add_access_point(&self, ctx: &Ctx, rank: u32, addr: &str) -> Result<(), MgmtError> {
         if ctx.db.status().voters.iter().any(|r| r.rank == rank) {
@@ -883,6 +994,7 @@ impl ReplicatedService for Mgmt {
             MgmtRequest::RemoveReplica { class, label, rank } => {
                 self.remove_replica(ctx, class, label, rank).await
             }
+            MgmtRequest::Dictate { class, label, rank } => self.dictate(ctx, class, label, rank).await,
             MgmtRequest::Locate { class, label } => MgmtInner::existing(&mut ctx.tx, &class, &label)
                 .await
                 .map(|(_, i)| MgmtResponse::Instance(i)),
@@ -956,6 +1068,33 @@ fn lost_replicas(
     lost
 }
 
+/// Replicas that engines host but whose instance's directory entry no longer lists on that
+/// rank, at a generation the directory recorded: left behind by a dictate or by a removal
+/// while their engine was down. Such a replica still campaigns in its old group, and with
+/// another stray could even elect a leader there. NB: a replica being added has a generation
+/// newer than the recorded one, and an instance being created is not listed yet; neither is a
+/// stray.
+fn stray_replicas(
+    instances: &[InstanceInfo],
+    hosted: &HashMap<u32, HashSet<(String, String, u32)>>,
+) -> Vec<(u32, String, String, u32)> {
+    let mut out = Vec::new();
+    for (rank, set) in hosted {
+        for (class, label, gen) in set {
+            let Some(i) = instances.iter().find(|i| i.class == *class && i.label == *label) else {
+                continue;
+            };
+            let listed = i.replicas.iter().any(|(r, _)| r == rank);
+            let recorded = i.gens.iter().any(|(r, g)| r == rank && gen <= g);
+            if !listed && recorded {
+                out.push((*rank, class.clone(), label.clone(), *gen));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1023,5 +1162,40 @@ mod tests {
             lost_replicas(&listed, &old, &mut missing, at(t0, 7000)),
             vec![l("pool", 2, 1)]
         );
+    }
+
+    #[test]
+    fn a_replica_its_directory_dropped_is_a_stray_but_one_being_added_or_created_is_not() {
+        // Pool "x" lists ranks 1 (gen 1) and 3 (gen 2); rank 2 held gen 1 until a dictate, and
+        // rank 4 never held one.
+        let info = InstanceInfo {
+            class: "pool".into(),
+            label: "x".into(),
+            db: 7,
+            replicas: vec![(1, "a1".into()), (3, "a3".into())],
+            gens: vec![(1, 1), (2, 1), (3, 2)],
+        };
+        let h = hosts(&[
+            (1, &[("pool", 1)]),
+            // The dictate's leftover.
+            (2, &[("pool", 1)]),
+            // An add in progress (a newer generation than recorded), and an instance of a
+            // class whose directory entry does not exist yet (a create in progress).
+            (3, &[("pool", 2), ("cont", 1)]),
+            (4, &[("pool", 1)]),
+        ]);
+        assert_eq!(
+            stray_replicas(std::slice::from_ref(&info), &h),
+            vec![(2, "pool".into(), "x".into(), 1)]
+        );
+        // Re-added on rank 2 under generation 2: the directory lists it again.
+        let mut readded = info.clone();
+        readded.replicas.push((2, "a2".into()));
+        readded.gens.retain(|(r, _)| *r != 2);
+        readded.gens.push((2, 2));
+        assert!(stray_replicas(&[readded.clone()], &hosts(&[(2, &[("pool", 2)])])).is_empty());
+        // An add of generation 3 in progress on a rank the directory lists no more.
+        readded.replicas.retain(|(r, _)| *r != 2);
+        assert!(stray_replicas(&[readded], &hosts(&[(2, &[("pool", 3)])])).is_empty());
     }
 }

@@ -177,6 +177,23 @@ enum ReplicaCmd {
         #[arg(long)]
         rank: u32,
     },
+    /// DANGEROUS catastrophic recovery, for a pool whose quorum of replicas is lost for good:
+    /// one surviving replica becomes the only one and leads, and the survivors left out are
+    /// destroyed. Writes that the survivor never received are lost. Refused while a quorum of
+    /// the replicas answers or one of them leads. Add replicas afterwards with `replicas add`.
+    Dictate {
+        #[command(flatten)]
+        t: Target,
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
+        label: String,
+        /// The survivor's rank (default: the surviving replica with the longest log).
+        #[arg(long)]
+        rank: Option<u32>,
+        /// Required: says that you accept losing acknowledged writes.
+        #[arg(long, required = true)]
+        confirm_data_loss: bool,
+    },
     /// What each replica reports of itself: role, term, leader, indexes and how far it lags
     /// the leader, file sizes, free space, and a storage error that stopped it. Asks each
     /// engine directly, so it works while the pool has no leader.
@@ -490,6 +507,30 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Replicas {
             cmd: ReplicaCmd::Status { t, label, rank },
         } => replica_status(t, label, rank).await,
+        Cmd::Replicas {
+            cmd: ReplicaCmd::Dictate { t, label, rank, .. },
+        } => {
+            let req = MgmtRequest::Dictate {
+                class: "pool".into(),
+                label,
+                rank,
+            };
+            let MgmtResponse::Dictated { instance, rank, term } = mgmt(&t)?.call(&req).await? else {
+                return Err(Fail(exit::USAGE, "unexpected answer".into()));
+            };
+            if t.json {
+                let mut v = instance_json(&instance);
+                v["rank"] = rank.into();
+                v["term"] = term.into();
+                print_json(&v);
+            } else {
+                println!(
+                    "pool {}: the replica on rank {rank} is now the only one, and leads in term {term}; add replicas with `replicas add`",
+                    instance.label
+                );
+            }
+            Ok(())
+        }
         Cmd::Replicas { cmd } => {
             let (t, req) = match cmd {
                 ReplicaCmd::Add { t, label, rank } => (
@@ -508,7 +549,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
                         rank,
                     },
                 ),
-                ReplicaCmd::Status { .. } => unreachable!("matched above"),
+                ReplicaCmd::Status { .. } | ReplicaCmd::Dictate { .. } => unreachable!("matched above"),
             };
             let r = mgmt(&t)?.call(&req).await?;
             if let (true, MgmtResponse::Instance(i)) = (t.json, &r) {
