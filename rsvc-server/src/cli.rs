@@ -314,6 +314,39 @@ pub async fn wait_for_ranks(
     }
 }
 
+/// What breaks the one CLI convention in a command tree, one line per finding: a subcommand
+/// or an argument without help text, or a required argument that shows a default. Each binary
+/// runs it on its parser in a unit test, so that a new flag cannot slip through undocumented.
+pub fn convention_findings(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                out.push(format!("{path}: argument {id} has no help text"));
+            }
+            if a.is_required_set() && !a.get_default_values().is_empty() {
+                out.push(format!("{path}: required argument {id} shows a default"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            let here = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                out.push(format!("{here}: no help text"));
+            }
+            walk(sub, &here, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(cmd, cmd.get_name(), &mut out);
+    out
+}
+
 /// Parses an instance label (a pool's, a container's): 1 to 128 of `A-Z a-z 0-9 . _ -`, not
 /// starting with a dot, so that a bad one is a usage error before anything is sent.
 pub fn parse_label(s: &str) -> Result<String, String> {
@@ -475,7 +508,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{engine_config, parse_timeout, ServeArgs};
+    use super::{convention_findings, engine_config, parse_timeout, ServeArgs};
     use clap::Parser;
     use std::time::Duration;
 
@@ -538,5 +571,27 @@ mod tests {
         for bad in ["", "x", "-1", "0", "1h", "nan", "1e9"] {
             assert!(parse_timeout(bad).is_err(), "{bad:?} is refused");
         }
+    }
+
+    #[test]
+    fn the_convention_check_finds_undocumented_flags_and_required_defaults() {
+        use clap::{Arg, Command};
+        let cmd = Command::new("x").subcommand(
+            Command::new("sub").arg(Arg::new("bare").long("bare")).arg(
+                Arg::new("req")
+                    .long("req")
+                    .help("h")
+                    .required(true)
+                    .default_value(""),
+            ),
+        );
+        assert_eq!(
+            convention_findings(&cmd),
+            vec![
+                "x sub: no help text".to_string(),
+                "x sub: argument bare has no help text".to_string(),
+                "x sub: required argument req shows a default".to_string(),
+            ]
+        );
     }
 }

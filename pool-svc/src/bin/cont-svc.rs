@@ -297,3 +297,17 @@ fn main() -> ExitCode {
     };
     rsvc_server::cli::run_main("cont-svc", Logging::Command, run(cli))
 }
+
+#[cfg(test)]
+mod convention {
+    use clap::CommandFactory;
+
+    /// Every flag and subcommand has help text, and no required flag shows a default.
+    #[test]
+    fn the_cli_follows_the_convention() {
+        let cmd = super::Cli::command();
+        cmd.clone().debug_assert();
+        let findings = rsvc_server::cli::convention_findings(&cmd);
+        assert!(findings.is_empty(), "{}", findings.join("\n"));
+    }
+}

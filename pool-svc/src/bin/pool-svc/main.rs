@@ -764,3 +764,17 @@ fn main() -> ExitCode {
         run(cli).await.map_err(|Fail(c, m)| (c, m))
     })
 }
+
+#[cfg(test)]
+mod convention {
+    use clap::CommandFactory;
+
+    /// Every flag and subcommand has help text, and no required flag shows a default.
+    #[test]
+    fn the_cli_follows_the_convention() {
+        let cmd = super::Cli::command();
+        cmd.clone().debug_assert();
+        let findings = rsvc_server::cli::convention_findings(&cmd);
+        assert!(findings.is_empty(), "{}", findings.join("\n"));
+    }
+}
