@@ -18,7 +18,7 @@ use cont_svc::api::Handle;
 use cont_svc::store as cstore;
 use cont_svc::ContRequest;
 use rdb::{Db, KeyClass, Path, Tx, Value};
-use rsvc_server::{Ctx, ReplicatedService, StepUp};
+use rsvc_server::{Ctx, LeaderTasks, ReplicatedService, StepUp};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{AttrOp, HandleInfo, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
@@ -63,7 +63,6 @@ type Leases = Arc<Mutex<HashMap<Handle, (Instant, Duration)>>>;
 pub struct PoolService {
     label: String,
     leases: Leases,
-    evictor: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl PoolService {
@@ -72,7 +71,6 @@ impl PoolService {
         PoolService {
             label: label.to_string(),
             leases: Arc::default(),
-            evictor: Mutex::new(None),
         }
     }
 
@@ -182,10 +180,14 @@ impl ReplicatedService for PoolService {
             }
         }
         tracing::info!(pool = %self.label, term, handles = all.len(), "pool service up; leases renewed");
+        Ok(StepUp::Up)
+    }
+
+    fn leader_tasks(&self, db: &Db, term: u64, tasks: &mut LeaderTasks) {
         let (db, leases, label) = (db.clone(), self.leases.clone(), self.label.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(TTL_RANGE.0 / 2).await;
+        tasks.every("evictor", TTL_RANGE.0 / 2, move || {
+            let (db, leases, label) = (db.clone(), leases.clone(), label.clone());
+            async move {
                 match Self::evict_expired(&db, term, &leases).await {
                     Ok(0) => {}
                     Ok(n) => {
@@ -195,16 +197,6 @@ impl ReplicatedService for PoolService {
                 }
             }
         });
-        if let Some(old) = self.evictor.lock().expect("lock").replace(task) {
-            old.abort();
-        }
-        Ok(StepUp::Up)
-    }
-
-    async fn drain(&self) {
-        if let Some(t) = self.evictor.lock().expect("lock").take() {
-            t.abort();
-        }
     }
 
     async fn step_down(&self, _term: u64) {

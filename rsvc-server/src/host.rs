@@ -35,6 +35,7 @@ use rsvc_client::{ServiceApi, WireError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::leader_tasks::LeaderTasks;
 use crate::service::{Ctx, ReplicatedService, StepUp};
 
 /// The framework's own KVS under the root.
@@ -74,6 +75,8 @@ pub trait ErasedService: Send + Sync + 'static {
     async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String>;
     /// See [`ReplicatedService::step_up`].
     async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, String>;
+    /// See [`ReplicatedService::leader_tasks`].
+    fn leader_tasks(&self, db: &Db, term: u64, tasks: &mut LeaderTasks);
     /// See [`ReplicatedService::drain`].
     async fn drain(&self);
     /// See [`ReplicatedService::step_down`].
@@ -99,6 +102,9 @@ impl<S: ReplicatedService> ErasedService for Adapter<S> {
     }
     async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, String> {
         self.0.step_up(db, term).await
+    }
+    fn leader_tasks(&self, db: &Db, term: u64, tasks: &mut LeaderTasks) {
+        self.0.leader_tasks(db, term, tasks)
     }
     async fn drain(&self) {
         self.0.drain().await
@@ -164,6 +170,8 @@ pub struct Host {
     svc: Arc<dyn ErasedService>,
     /// State and the term it refers to.
     state: Mutex<(State, u64)>,
+    /// The background tasks of the term this replica leads, while Up.
+    tasks: Mutex<Option<LeaderTasks>>,
     inflight: AtomicUsize,
     idle: Notify,
     /// Request counters, for metrics.
@@ -222,6 +230,7 @@ impl Host {
             db: db.clone(),
             svc,
             state: Mutex::new((State::Down, 0)),
+            tasks: Mutex::new(None),
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
             stats: HostStats::default(),
@@ -253,7 +262,12 @@ impl Host {
     async fn step_up(&self, term: u64) {
         self.set_state(State::SteppingUp, term);
         match self.try_step_up(term).await {
-            Ok(StepUp::Up) => self.set_state(State::Up, term),
+            Ok(StepUp::Up) => {
+                self.set_state(State::Up, term);
+                let mut tasks = LeaderTasks::new(term);
+                self.svc.leader_tasks(&self.db, term, &mut tasks);
+                *self.tasks.lock().expect("lock") = Some(tasks);
+            }
             Ok(StepUp::Empty) => self.set_state(State::UpEmpty, term),
             Err(e) => {
                 tracing::warn!(class = %self.class, instance = %self.instance, term, cause = %e, "step_up failed; giving up leadership");
@@ -327,6 +341,10 @@ impl Host {
     async fn step_down(&self, term: u64) {
         let (s, _) = self.state();
         self.set_state(State::SteppingDown, term);
+        let tasks = self.tasks.lock().expect("lock").take();
+        if let Some(tasks) = tasks {
+            tasks.stop().await;
+        }
         if matches!(s, State::Up | State::UpEmpty) {
             self.svc.drain().await;
         }

@@ -13,7 +13,9 @@
 //! The engine drives each replica through Down, SteppingUp, Up (or UpEmpty) and SteppingDown
 //! from rdb's leadership events, which are proven and strictly alternating. It admits requests
 //! only in Up. Every reply carries a leader hint, the leader's replies included, and an engine
-//! with no replica of the instance answers `NotReplica`.
+//! with no replica of the instance answers `NotReplica`. Background work that only a leader
+//! does is spawned on [`LeaderTasks`]; the engine cancels and joins it before `drain`, so no
+//! task of an old term outlives its leadership.
 //!
 //! ## EXACTLY-ONCE
 //!
@@ -30,10 +32,11 @@
 //! - Exactly-once keeps one result per outstanding mutating call of a client, and forgets them
 //!   as the client acknowledges them; a client silent for `SVC_OPS_MAX_AGE` is forgotten
 //!   altogether, and a retry after that could apply again (DAOS keeps the same bound).
-//! - Engine liveness is a health check from the management leader every second. An engine is
-//!   `Down` after 3 s without an answer. After `reconf_after` its replicas move to a spare engine,
-//!   one change per instance per round. Without a spare the instance runs with fewer replicas
-//!   until an operator adds one. A flapping engine can cause needless moves.
+//! - Engine liveness is a health check from the management leader once per maximum election
+//!   timeout (200 ms to 1 s). An engine is `Down` after two failed rounds. After `reconf_after`
+//!   its replicas move to a spare engine, one change per instance per round. Without a spare
+//!   the instance runs with fewer replicas until an operator adds one. A flapping engine can
+//!   cause needless moves.
 //! - No TLS or authentication between engines or from clients.
 
 pub mod cli;
@@ -41,6 +44,7 @@ pub mod config;
 pub mod counter;
 pub mod engine;
 pub mod host;
+pub mod leader_tasks;
 pub mod metrics;
 pub mod mgmt;
 pub mod service;
@@ -49,5 +53,6 @@ pub mod wire;
 
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use host::State;
+pub use leader_tasks::{CancellationToken, LeaderTasks};
 pub use service::{Ctx, FnFactory, OnceFactory, ReplicatedService, ServiceFactory, StepUp};
 pub use transport::GrpcTransport;

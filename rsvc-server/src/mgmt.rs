@@ -22,6 +22,7 @@ use rsvc_client::mgmt::{
     MGMT_INSTANCE,
 };
 
+use crate::leader_tasks::LeaderTasks;
 use crate::service::{Ctx, ReplicatedService, StepUp};
 use crate::transport::GrpcTransport;
 use crate::wire::{self, pb};
@@ -58,8 +59,6 @@ const PROBE_BOUNDS: (Duration, Duration) = (Duration::from_millis(200), Duration
 /// the leader's monitor task shares its state.
 pub struct Mgmt {
     inner: Arc<MgmtInner>,
-    /// The leader's monitor task.
-    monitor: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// What the service and its monitor task share.
@@ -130,7 +129,6 @@ impl Mgmt {
                 pending: Mutex::default(),
                 missing: Mutex::default(),
             }),
-            monitor: Mutex::new(None),
         }
     }
 }
@@ -886,12 +884,16 @@ impl MgmtInner {
 impl ReplicatedService for Mgmt {
     type Api = MgmtApi;
 
-    async fn step_up(&self, db: &rdb::Db, term: u64) -> Result<StepUp, String> {
+    async fn step_up(&self, _db: &rdb::Db, _term: u64) -> Result<StepUp, String> {
         self.seen.lock().expect("lock").clear();
         self.missing.lock().expect("lock").clear();
+        Ok(StepUp::Up)
+    }
+
+    fn leader_tasks(&self, db: &rdb::Db, term: u64, tasks: &mut LeaderTasks) {
         let mgmt = self.inner.clone();
         let db = db.clone();
-        let task = tokio::spawn(async move {
+        tasks.spawn("monitor", move |_| async move {
             let cfg = rsvc_client::ClientConfig {
                 deadline: Duration::from_secs(5),
                 ..Default::default()
@@ -904,16 +906,6 @@ impl ReplicatedService for Mgmt {
                 tokio::time::sleep(mgmt.probe_every).await;
             }
         });
-        if let Some(old) = self.monitor.lock().expect("lock").replace(task) {
-            old.abort();
-        }
-        Ok(StepUp::Up)
-    }
-
-    async fn drain(&self) {
-        if let Some(t) = self.monitor.lock().expect("lock").take() {
-            t.abort();
-        }
     }
 
     async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {

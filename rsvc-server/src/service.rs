@@ -4,6 +4,8 @@ use async_trait::async_trait;
 use rdb::{Db, Tx};
 use rsvc_client::ServiceApi;
 
+use crate::leader_tasks::LeaderTasks;
+
 /// What `step_up` found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepUp {
@@ -47,13 +49,20 @@ pub trait ReplicatedService: Send + Sync + 'static {
         Ok(())
     }
 
-    /// This replica became leader of `term`: load caches, start background work. An `Err`
-    /// makes the replica give up leadership.
+    /// This replica became leader of `term`: load caches. An `Err` makes the replica give up
+    /// leadership. Background work belongs in [`leader_tasks`](Self::leader_tasks).
     async fn step_up(&self, _db: &Db, _term: u64) -> Result<StepUp, String> {
         Ok(StepUp::Up)
     }
 
-    /// Leadership is ending: stop background work that would start new requests.
+    /// Background work for the term this replica now leads (an evictor, a monitor): spawn it
+    /// on `tasks`. Called right after a `step_up` that answered [`StepUp::Up`], once the
+    /// replica admits requests. The host cancels every task, and waits until each stopped,
+    /// before it calls `drain`; see [`crate::leader_tasks`].
+    fn leader_tasks(&self, _db: &Db, _term: u64, _tasks: &mut LeaderTasks) {}
+
+    /// Leadership is ending: stop what would start new requests. Leader tasks have stopped
+    /// already.
     async fn drain(&self) {}
 
     /// Leadership of `term` ended and no request of it is running any more.

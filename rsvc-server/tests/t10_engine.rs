@@ -34,17 +34,23 @@ fn factories() -> Vec<Arc<dyn ServiceFactory>> {
 
 impl System {
     async fn new(n: u32) -> System {
+        Self::with(n, |_| factories()).await
+    }
+
+    /// `n` engines, engine `r` hosting the services of `factories(r)`.
+    async fn with(n: u32, factories: impl Fn(u32) -> Vec<Arc<dyn ServiceFactory>>) -> System {
         init_tracing();
         let tmp = TempDir::new().unwrap();
         let mut engines = Vec::new();
         for rank in 1..=n {
-            engines.push(Some(Self::start_engine(&tmp, rank, "127.0.0.1:0").await));
+            let cfg = Self::config(&tmp, rank, "127.0.0.1:0");
+            engines.push(Some(Engine::start(cfg, factories(rank)).await.unwrap()));
         }
         System { tmp, engines }
     }
 
-    async fn start_engine(tmp: &TempDir, rank: u32, listen: &str) -> Engine {
-        let cfg = EngineConfig {
+    fn config(tmp: &TempDir, rank: u32, listen: &str) -> EngineConfig {
+        EngineConfig {
             rank,
             listen: listen.parse().unwrap(),
             advertise: None,
@@ -53,8 +59,13 @@ impl System {
             db: DbConfig::fast(),
             access_points: vec![],
             reconf_after: None,
-        };
-        Engine::start(cfg, factories()).await.unwrap()
+        }
+    }
+
+    async fn start_engine(tmp: &TempDir, rank: u32, listen: &str) -> Engine {
+        Engine::start(Self::config(tmp, rank, listen), factories())
+            .await
+            .unwrap()
     }
 
     fn engine(&self, rank: u32) -> &Engine {
@@ -670,4 +681,124 @@ async fn start_replica_replaces_an_orphan_of_an_older_generation() {
     assert_ne!(g2.storage_id, g1.storage_id, "by a new incarnation");
     assert!(e.start_replica("counter", "o", db, 1, vec![]).await.is_err());
     e.shutdown().await;
+}
+
+/// What the [`Ticker`]s of all engines saw.
+#[derive(Default)]
+struct Ticks {
+    /// The term whose leader task runs on each rank, if one does.
+    running: std::sync::Mutex<std::collections::HashMap<u32, u64>>,
+    /// Every (rank, term) whose leader task started.
+    started: std::sync::Mutex<Vec<(u32, u64)>>,
+    /// `drain` calls that found a leader task still running.
+    overlaps: std::sync::atomic::AtomicU32,
+}
+
+/// A counter with a leader task that records when it runs.
+struct Ticker {
+    rank: u32,
+    ticks: Arc<Ticks>,
+}
+
+/// Marks a rank's leader task stopped when the task's future is dropped.
+struct Running(u32, Arc<Ticks>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.1.running.lock().unwrap().remove(&self.0);
+    }
+}
+
+#[async_trait::async_trait]
+impl rsvc_server::ReplicatedService for Ticker {
+    type Api = CounterApi;
+    async fn bootstrap(&self, tx: &mut rdb::Tx) -> Result<(), String> {
+        Counter.bootstrap(tx).await
+    }
+    fn leader_tasks(&self, _db: &rdb::Db, term: u64, tasks: &mut rsvc_server::LeaderTasks) {
+        let (rank, ticks) = (self.rank, self.ticks.clone());
+        tasks.spawn("ticker", move |_| async move {
+            ticks.running.lock().unwrap().insert(rank, term);
+            ticks.started.lock().unwrap().push((rank, term));
+            let _running = Running(rank, ticks);
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    async fn drain(&self) {
+        if self.ticks.running.lock().unwrap().contains_key(&self.rank) {
+            self.ticks
+                .overlaps
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    async fn handle(
+        &self,
+        ctx: &mut rsvc_server::Ctx,
+        req: CounterRequest,
+    ) -> Result<CounterResponse, CounterError> {
+        Counter.handle(ctx, req).await
+    }
+}
+
+/// Leader tasks are the framework's (issue 14): they start when a replica steps up, are
+/// cancelled and joined before its `drain`, and the next leader starts its own for its term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_tasks_run_only_while_their_replica_leads() {
+    let ticks = Arc::new(Ticks::default());
+    let t = ticks.clone();
+    let mut sys = System::with(3, move |rank| {
+        let ticks = t.clone();
+        vec![Arc::new(FnFactory::new(move |_: &str| Ticker {
+            rank,
+            ticks: ticks.clone(),
+        })) as Arc<dyn ServiceFactory>]
+    })
+    .await;
+    let replicas = sys.create("t", &[1, 2, 3]).await;
+    let c = client(replicas, "t");
+    let add = CounterRequest::Add {
+        name: "x".into(),
+        delta: 1,
+    };
+    c.call(&add).await.unwrap();
+    let (first, _) = c.cached_leader().unwrap();
+    let wait_started = |rank: u32| {
+        let ticks = ticks.clone();
+        async move {
+            let start = Instant::now();
+            loop {
+                let got = ticks
+                    .started
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .find(|(r, _)| *r == rank)
+                    .map(|(_, t)| *t);
+                if let Some(term) = got {
+                    return term;
+                }
+                assert!(start.elapsed() < DEADLINE, "rank {rank} never started its task");
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    };
+    let term = wait_started(first).await;
+    // A graceful stop of the leader's engine hands leadership over: the old leader's task
+    // stops before its drain, and the new leader starts one for its own term.
+    sys.engines[(first - 1) as usize].take().unwrap().shutdown().await;
+    c.call(&add).await.unwrap();
+    let (next, _) = c.cached_leader().unwrap();
+    assert_ne!(next, first);
+    let next_term = wait_started(next).await;
+    assert!(next_term > term, "{next_term} after {term}");
+    assert!(!ticks.running.lock().unwrap().contains_key(&first));
+    assert_eq!(
+        ticks.overlaps.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a drain ran while its leader task still ran"
+    );
+    sys.shutdown().await;
 }
