@@ -10,47 +10,101 @@ pub type Handle = [u8; 16];
 pub enum ContRequest {
     /// Creates a container with initial properties.
     Create {
+        /// The new container's label: 1-127 of `[A-Za-z0-9._-]`, unique in the pool.
         label: String,
+        /// Initial properties as (name, value) pairs.
         props: Vec<(String, String)>,
     },
     /// Opens a container; returns a container handle tied to the pool handle.
-    Open { label: String },
+    Open {
+        /// The container to open; it must not be `Destroying`.
+        label: String,
+    },
     /// Closes a container handle.
-    Close { cont_handle: Handle },
+    Close {
+        /// The handle `Open` returned.
+        cont_handle: Handle,
+    },
     /// Destroys a container (two-phase); `force` also closes open handles instead of refusing.
-    Destroy { label: String, force: bool },
+    Destroy {
+        /// The container to destroy.
+        label: String,
+        /// Close open handles instead of failing with `Busy`.
+        force: bool,
+    },
     /// Lists containers.
     List,
     /// Describes a container.
-    Query { label: String },
+    Query {
+        /// The container to describe.
+        label: String,
+    },
     /// Reads all properties.
-    PropGet { label: String },
+    PropGet {
+        /// The container whose properties to read.
+        label: String,
+    },
     /// Sets one property.
     PropSet {
+        /// The container to change.
         label: String,
+        /// The property's name.
         name: String,
+        /// Its new value, replacing any old one.
         value: String,
     },
     /// Sets a user attribute.
     AttrSet {
+        /// The container to change.
         label: String,
+        /// The attribute's name.
         name: String,
+        /// Its new value (opaque bytes), replacing any old one.
         value: Vec<u8>,
     },
     /// Reads a user attribute.
-    AttrGet { label: String, name: String },
+    AttrGet {
+        /// The container to read from.
+        label: String,
+        /// The attribute's name.
+        name: String,
+    },
     /// Lists user attribute names.
-    AttrList { label: String },
+    AttrList {
+        /// The container whose attributes to list.
+        label: String,
+    },
     /// Deletes a user attribute.
-    AttrDel { label: String, name: String },
+    AttrDel {
+        /// The container to change.
+        label: String,
+        /// The attribute to delete; the commit fails if it does not exist.
+        name: String,
+    },
     /// Takes a snapshot through an open container handle; returns its epoch.
-    SnapCreate { cont_handle: Handle },
+    SnapCreate {
+        /// An open handle of the container to snapshot.
+        cont_handle: Handle,
+    },
     /// Lists snapshot epochs.
-    SnapList { label: String },
+    SnapList {
+        /// The container whose snapshots to list.
+        label: String,
+    },
     /// Destroys one snapshot.
-    SnapDestroy { label: String, epoch: u64 },
+    SnapDestroy {
+        /// The container that holds the snapshot.
+        label: String,
+        /// The snapshot's epoch, as `SnapCreate` returned it.
+        epoch: u64,
+    },
     /// Allocates `count` object ids through an open container handle.
-    OidAlloc { cont_handle: Handle, count: u64 },
+    OidAlloc {
+        /// An open handle of the container to allocate in.
+        cont_handle: Handle,
+        /// How many consecutive ids to allocate: 1 to 2^40.
+        count: u64,
+    },
 }
 
 impl ContRequest {
@@ -100,7 +154,10 @@ pub enum ContResponse {
     /// Done.
     Ok,
     /// A new container handle.
-    Opened { cont_handle: Handle },
+    Opened {
+        /// The new handle; pass it to `Close`, `SnapCreate` and `OidAlloc`.
+        cont_handle: Handle,
+    },
     /// One container.
     Info(ContInfo),
     /// Containers.
@@ -116,7 +173,12 @@ pub enum ContResponse {
     /// Snapshot epochs.
     Epochs(Vec<u64>),
     /// Allocated object ids: `[start, start + count)`.
-    Oids { start: u64, count: u64 },
+    Oids {
+        /// The first allocated id.
+        start: u64,
+        /// How many ids were allocated (as requested).
+        count: u64,
+    },
 }
 
 /// Container errors.

@@ -12,36 +12,71 @@ pub const POOL_CLASS: &str = "pool";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PoolRequest {
     /// Opens a handle with a liveness lease of `ttl_ms`, renewed by the client.
-    Connect { client: String, ttl_ms: u64 },
+    Connect {
+        /// Who connects: a free-form name that `ListHandles` shows.
+        client: String,
+        /// The lease in milliseconds, within [`crate::service::TTL_RANGE`].
+        ttl_ms: u64,
+    },
     /// Closes a handle (and its container handles).
-    Disconnect { handle: Handle },
+    Disconnect {
+        /// The handle `Connect` returned.
+        handle: Handle,
+    },
     /// Renews a handle's lease.
-    Renew { handle: Handle },
+    Renew {
+        /// The handle whose lease restarts at its full TTL; it must not have expired yet.
+        handle: Handle,
+    },
     /// Describes the pool.
     Query,
     /// Reads all properties.
     PropGet,
     /// Sets one property (`label` and `owner` included).
-    PropSet { name: String, value: String },
+    PropSet {
+        /// The property's name; `map_version` is the service's own and refused.
+        name: String,
+        /// Its new value, replacing any old one.
+        value: String,
+    },
     /// Sets a user attribute.
-    AttrSet { name: String, value: Vec<u8> },
+    AttrSet {
+        /// The attribute's name; must not be empty.
+        name: String,
+        /// Its new value (opaque bytes), replacing any old one.
+        value: Vec<u8>,
+    },
     /// Reads a user attribute.
-    AttrGet { name: String },
+    AttrGet {
+        /// The attribute's name.
+        name: String,
+    },
     /// Lists user attribute names.
     AttrList,
     /// Deletes a user attribute.
-    AttrDel { name: String },
+    AttrDel {
+        /// The attribute to delete; an absent one is `Invalid`.
+        name: String,
+    },
     /// Evicts every handle; returns how many.
     Evict,
     /// Lists the open handles.
     ListHandles,
     /// A container operation under a pool handle.
-    Cont { handle: Handle, req: ContRequest },
+    Cont {
+        /// The pool handle the operation runs under; it must be open with a live lease.
+        handle: Handle,
+        /// The container operation.
+        req: ContRequest,
+    },
     /// Sets a user attribute to `value` only if it now holds `expect` (`None`: absent), in one
     /// transaction; answers [`PoolResponse::Swapped`].
     AttrCas {
+        /// The attribute's name; must not be empty.
         name: String,
+        /// The value the attribute must hold now for the swap; `None`: it must be absent.
         expect: Option<Vec<u8>>,
+        /// The value to set if it does.
         value: Vec<u8>,
     },
     /// Several user attributes in one serializable transaction (etcd's `Txn`, with appends).
@@ -52,20 +87,42 @@ pub enum PoolRequest {
     /// change makes the entry apply nothing and the call answer `Busy`, which the client retries
     /// on a newer snapshot. So the result is as if the transaction ran alone at the moment it
     /// applied. Answers [`PoolResponse::Txn`].
-    AttrTxn { ops: Vec<AttrOp> },
+    AttrTxn {
+        /// The steps, run in order; at most [`crate::service::MAX_TXN_OPS`], none with an
+        /// empty name.
+        ops: Vec<AttrOp>,
+    },
 }
 
 /// One step of a [`PoolRequest::AttrTxn`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AttrOp {
     /// Reads an attribute; its value joins the answer.
-    Get { name: String },
+    Get {
+        /// The attribute to read.
+        name: String,
+    },
     /// Sets an attribute.
-    Set { name: String, value: Vec<u8> },
+    Set {
+        /// The attribute to write.
+        name: String,
+        /// Its new value, replacing any old one.
+        value: Vec<u8>,
+    },
     /// Appends bytes to an attribute (an absent one counts as empty).
-    Append { name: String, value: Vec<u8> },
+    Append {
+        /// The attribute to extend.
+        name: String,
+        /// The bytes to add at its end.
+        value: Vec<u8>,
+    },
     /// The attribute must hold `value` (`None`: absent) for the transaction to write anything.
-    Expect { name: String, value: Option<Vec<u8>> },
+    Expect {
+        /// The attribute to check, as earlier steps left it.
+        name: String,
+        /// The value it must hold, compared byte for byte; `None`: it must be absent.
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl AttrOp {
@@ -114,7 +171,12 @@ pub enum PoolResponse {
     /// Done.
     Ok,
     /// A new handle.
-    Connected { handle: Handle, ttl_ms: u64 },
+    Connected {
+        /// The new pool handle.
+        handle: Handle,
+        /// Its lease in milliseconds, as requested; renew well within it.
+        ttl_ms: u64,
+    },
     /// The pool.
     Info(PoolInfo),
     /// Properties.
@@ -130,10 +192,21 @@ pub enum PoolResponse {
     /// A container answer.
     Cont(ContResponse),
     /// Whether an [`PoolRequest::AttrCas`] swapped; if not, what the attribute held.
-    Swapped { swapped: bool, current: Option<Vec<u8>> },
+    Swapped {
+        /// Whether the attribute now holds the new value.
+        swapped: bool,
+        /// If not swapped, what the attribute held (`None`: absent); `None` if swapped.
+        current: Option<Vec<u8>>,
+    },
     /// What an [`PoolRequest::AttrTxn`] did: whether its expectations held (and so its writes
     /// were made), and the value of each [`AttrOp::Get`], in order.
-    Txn { ok: bool, values: Vec<Option<Vec<u8>>> },
+    Txn {
+        /// Whether every [`AttrOp::Expect`] held; if not, nothing was written.
+        ok: bool,
+        /// The value of each [`AttrOp::Get`] in order (`None`: absent); when `ok` is false,
+        /// only those before the failed expectation.
+        values: Vec<Option<Vec<u8>>>,
+    },
 }
 
 /// Pool errors.

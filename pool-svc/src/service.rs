@@ -18,7 +18,7 @@ use cont_svc::api::Handle;
 use cont_svc::store as cstore;
 use cont_svc::ContRequest;
 use rdb::{Db, KeyClass, Path, Tx, Value};
-use rsvc_server::{Ctx, LeaderTasks, ReplicatedService, StepUp};
+use rsvc_server::{Ctx, LeaderTasks, ReplicatedService, ServiceError, StepUp};
 use serde::{Deserialize, Serialize};
 
 use crate::api::{AttrOp, HandleInfo, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
@@ -149,7 +149,7 @@ impl PoolService {
 impl ReplicatedService for PoolService {
     type Api = PoolApi;
 
-    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {
+    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), ServiceError> {
         let root = Path::root();
         tx.create_kvs(&root, "props", KeyClass::Lexical);
         tx.create_kvs(&root, "attrs", KeyClass::Lexical);
@@ -166,9 +166,9 @@ impl ReplicatedService for PoolService {
         Ok(())
     }
 
-    async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, String> {
+    async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, ServiceError> {
         // Every persisted handle gets a fresh full lease: a failover evicts nobody.
-        let mut tx = db.begin(Some(term)).map_err(|e| e.to_string())?;
+        let mut tx = db.begin(Some(term))?;
         let all = Self::all_handles(&mut tx).await.map_err(|e| e.to_string())?;
         {
             let mut l = self.leases.lock().expect("lock");

@@ -9,10 +9,22 @@ pub enum Error {
     /// This replica is not the leader of the requested term (or of any). `leader` and `term`
     /// are the best known hint: the replica it believes leads, and the term it knows.
     #[error("not leader (hint: leader {leader:?}, term {term})")]
-    NotLeader { leader: Option<ReplicaId>, term: u64 },
+    NotLeader {
+        /// The replica this one believes leads, if it knows of any.
+        leader: Option<ReplicaId>,
+        /// The latest term this replica knows (0 if the hint was not available).
+        term: u64,
+    },
     /// Free space is below the admission threshold; nothing was appended.
     #[error("no space: {free} bytes free, {needed} needed")]
-    NoSpace { free: u64, needed: u64 },
+    NoSpace {
+        /// Bytes free on the replica that decided the refusal: this one, or the voter that
+        /// keeps the quorum short.
+        free: u64,
+        /// Bytes that replica needs free to take the transaction: its size, the replica's
+        /// upkeep and the admission threshold.
+        needed: u64,
+    },
     /// The transaction was applied and failed deterministically: it had no effect.
     #[error("transaction failed: {0}")]
     Apply(#[from] ApplyError),

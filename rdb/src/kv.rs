@@ -66,12 +66,12 @@ pub struct Path(#[serde(with = "path_keys")] pub Vec<Vec<u8>>);
 mod path_keys {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<S: Serializer>(keys: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(keys: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
         let v: Vec<&serde_bytes::Bytes> = keys.iter().map(|k| serde_bytes::Bytes::new(k)).collect();
         v.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
         let v: Vec<serde_bytes::ByteBuf> = Vec::deserialize(d)?;
         Ok(v.into_iter().map(|b| b.into_vec()).collect())
     }
@@ -102,36 +102,51 @@ impl<K: Into<Vec<u8>>, const N: usize> From<[K; N]> for Path {
 pub enum Op {
     /// Creates the child KVS `key` in the KVS at `parent`. Fails with `Exists` if `key` is taken.
     CreateKvs {
+        /// The KVS to create the child in.
         parent: Path,
+        /// The child's key in `parent`; must fit `parent`'s key class.
         key: Vec<u8>,
+        /// How the new KVS orders its own keys.
         class: KeyClass,
     },
     /// Destroys the child KVS `key` of `parent` with all its values. Fails with `NotEmpty` if it
     /// still has child KVSs: a KVS is destroyed only after its children.
     DestroyKvs {
+        /// The KVS that holds the child.
         parent: Path,
+        /// The child's key in `parent`.
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Sets `key` in the KVS at `kvs` to `value`. `critical` updates pass free-space admission
     /// when space is low (DAOS `update_critical`).
     Update {
+        /// The KVS to write in.
         kvs: Path,
+        /// The key to set; must fit the KVS's key class and must not hold a child KVS.
         key: Vec<u8>,
+        /// The new value, replacing any old one.
         value: Vec<u8>,
+        /// Set by [`crate::Tx::update_critical`]: the update counts as critical, so a
+        /// transaction of few enough critical operations needs only the critical threshold.
         critical: bool,
     },
     /// Removes `key` from the KVS at `kvs`; fails with `NotFound` if it is absent.
     Delete {
+        /// The KVS to remove the key from.
         kvs: Path,
+        /// The key to remove; it must hold a value, not a child KVS.
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// A precondition: `key` in the KVS at `kvs` holds `value` (`None`: is absent). Lets a caller
     /// make a transaction conditional on what it read (compare-and-set).
     Expect {
+        /// The KVS to look in.
         kvs: Path,
+        /// The key to check; a key holding a child KVS fails with `WrongType`.
         key: Vec<u8>,
+        /// The value the key must hold, compared byte for byte; `None`: the key must be absent.
         value: Option<Vec<u8>>,
     },
 }
@@ -186,7 +201,12 @@ pub enum ApplyError {
     PreconditionFailed(String),
     /// The transaction was bound to term `tx_term` but its entry was appended in `entry_term`.
     #[error("transaction of term {tx_term} reached the log in term {entry_term}")]
-    StaleTerm { tx_term: u64, entry_term: u64 },
+    StaleTerm {
+        /// The term the transaction was begun in (the leadership it was bound to).
+        tx_term: u64,
+        /// The term of the log entry that carried it.
+        entry_term: u64,
+    },
 }
 
 /// Per-KVS metadata, one row in [`KVS`].

@@ -46,9 +46,15 @@ use crate::types::TypeConfig;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaderEvent {
     /// This replica now leads `term`: a quorum confirmed it and the term's first entry is applied.
-    StepUp { term: u64 },
+    StepUp {
+        /// The raft term now led; never below the previous StepUp's.
+        term: u64,
+    },
     /// This replica no longer leads `term` (deposed, partitioned, resigned or stopped).
-    StepDown { term: u64 },
+    StepDown {
+        /// The term of the StepUp this ends.
+        term: u64,
+    },
 }
 
 /// The term this node leads according to one metrics sample, if any.

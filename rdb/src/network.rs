@@ -65,10 +65,20 @@ pub enum Refusal {
     NoSuchDb(DbId),
     /// The replica here is another one (other rank or generation).
     #[error("message for replica {wanted}, this is {have}")]
-    WrongReplica { wanted: ReplicaId, have: ReplicaId },
+    WrongReplica {
+        /// The addressee the message named.
+        wanted: ReplicaId,
+        /// The replica that received it.
+        have: ReplicaId,
+    },
     /// The replica here is another incarnation (its storage was recreated).
     #[error("message for storage id {wanted:016x}, this replica has {have:016x}")]
-    WrongStorage { wanted: u64, have: u64 },
+    WrongStorage {
+        /// The storage id the message named (from the sender's membership).
+        wanted: u64,
+        /// The storage id of the replica that received it.
+        have: u64,
+    },
     /// The replica is not running.
     #[error("replica stopped")]
     Stopped,

@@ -450,12 +450,8 @@ impl<S: ServiceApi> RsvcClient<S> {
                         .map(ClientError::Service)
                         .unwrap_or_else(|e| ClientError::Codec(e.to_string())));
                 }
-                // NB: NoSpace is final for this call: the leader refused before appending, and
-                // asking it again within the deadline only delays the answer (the caller may
-                // retry later, see `ClientError::is_retryable`).
-                Err(Failure::Wire(
-                    e @ (WireError::Stale | WireError::NoHandle | WireError::Invalid(_) | WireError::NoSpace),
-                )) => {
+                // The retry contract is `WireError::is_retryable`'s.
+                Err(Failure::Wire(e)) if !e.is_retryable() => {
                     return Err(ClientError::Wire(e));
                 }
                 Err(f) => {

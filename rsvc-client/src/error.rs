@@ -32,6 +32,29 @@ pub enum WireError {
     Service(Vec<u8>),
 }
 
+impl WireError {
+    /// Whether the SDK sends the very same request again, within the call's deadline. The
+    /// contract, one line per error:
+    ///
+    /// | error | retried | why |
+    /// |---|---|---|
+    /// | `NotLeader` | yes: at once to a hinted new leader, else after a backoff | the request was not admitted; a timed-out commit also comes back as this, and exactly-once makes its retry safe |
+    /// | `NotReplica` | yes, at another replica; the list is refreshed | the engine hosts no replica of the instance (moved, or not created yet) |
+    /// | `Busy` | yes, after a backoff | nothing was applied: a lost race with a concurrent request (a failed precondition), or a leader whose database is not ready |
+    /// | `Shutdown` | yes, at another replica | the engine is stopping |
+    /// | `NoSpace` | no | refused before anything was appended; asking again within the deadline only delays the answer, but the caller may retry later (see [`ClientError::is_retryable`]) |
+    /// | `Stale` | no | a sequence number the engine has already forgotten: the client's own bug |
+    /// | `NoHandle` | no | the handle is unknown or was evicted: open a new one |
+    /// | `Invalid` | no | the request itself is wrong |
+    /// | `Service` | no | the service answered; its error is the result |
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            WireError::NotLeader | WireError::NotReplica | WireError::Busy | WireError::Shutdown
+        )
+    }
+}
+
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError<E> {
@@ -67,13 +90,12 @@ pub enum ClientError<E> {
 
 impl<E> ClientError<E> {
     /// Whether the caller may try again later (the call itself already retried until its
-    /// deadline).
+    /// deadline): nothing answered in time, or the engine was out of space.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Deadline { .. }
-                | ClientError::NoReplicas { .. }
-                | ClientError::Wire(WireError::NoSpace | WireError::Busy | WireError::Shutdown)
-        )
+        match self {
+            ClientError::Deadline { .. } | ClientError::NoReplicas { .. } => true,
+            ClientError::Wire(e) => e.is_retryable() || *e == WireError::NoSpace,
+            _ => false,
+        }
     }
 }

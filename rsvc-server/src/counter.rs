@@ -7,7 +7,7 @@ use rdb::{KeyClass, Path, Tx};
 use rsvc_client::ServiceApi;
 use serde::{Deserialize, Serialize};
 
-use crate::service::{Ctx, ReplicatedService};
+use crate::service::{Ctx, ReplicatedService, ServiceError};
 
 /// What clients send.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,7 +80,7 @@ fn decode(b: &[u8]) -> Result<i64, CounterError> {
 impl ReplicatedService for Counter {
     type Api = CounterApi;
 
-    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {
+    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), ServiceError> {
         tx.create_kvs(&Path::root(), "counters", KeyClass::Lexical);
         Ok(())
     }

@@ -29,14 +29,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use rdb::{Db, KeyClass, LeaderEvent, Path, Tx};
-use rsvc_client::{ServiceApi, WireError};
+use rsvc_client::WireError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::error::wire_of;
 use crate::leader_tasks::LeaderTasks;
-use crate::service::{Ctx, ReplicatedService, StepUp};
+use crate::service::{Ctx, ErasedService, HostedService, ServiceError, StepUp};
 
 /// The framework's own KVS under the root.
 pub(crate) const SYS_KVS: &[u8] = b"__rsvc";
@@ -66,65 +66,6 @@ pub enum State {
     Up,
     /// Refusing new requests, draining, running `step_down`.
     SteppingDown,
-}
-
-/// The service behind a replica with its types erased, so the engine can hold any.
-#[async_trait]
-pub trait ErasedService: Send + Sync + 'static {
-    /// See [`ReplicatedService::bootstrap`].
-    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String>;
-    /// See [`ReplicatedService::step_up`].
-    async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, String>;
-    /// See [`ReplicatedService::leader_tasks`].
-    fn leader_tasks(&self, db: &Db, term: u64, tasks: &mut LeaderTasks);
-    /// See [`ReplicatedService::drain`].
-    async fn drain(&self);
-    /// See [`ReplicatedService::step_down`].
-    async fn step_down(&self, term: u64);
-    /// Decodes, handles and encodes one request: `Ok(Ok(response))`, `Ok(Err(service error))`
-    /// (both postcard), or a wire error for an undecodable request.
-    async fn handle(&self, ctx: &mut Ctx, payload: &[u8]) -> Result<Result<Vec<u8>, Vec<u8>>, WireError>;
-    /// Whether the encoded request mutates.
-    fn is_mutating(&self, payload: &[u8]) -> Result<bool, WireError>;
-}
-
-/// Erases a [`ReplicatedService`].
-pub struct Adapter<S>(pub S);
-
-fn bad_request(e: postcard::Error) -> WireError {
-    WireError::Invalid(format!("undecodable request: {e}"))
-}
-
-#[async_trait]
-impl<S: ReplicatedService> ErasedService for Adapter<S> {
-    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {
-        self.0.bootstrap(tx).await
-    }
-    async fn step_up(&self, db: &Db, term: u64) -> Result<StepUp, String> {
-        self.0.step_up(db, term).await
-    }
-    fn leader_tasks(&self, db: &Db, term: u64, tasks: &mut LeaderTasks) {
-        self.0.leader_tasks(db, term, tasks)
-    }
-    async fn drain(&self) {
-        self.0.drain().await
-    }
-    async fn step_down(&self, term: u64) {
-        self.0.step_down(term).await
-    }
-    async fn handle(&self, ctx: &mut Ctx, payload: &[u8]) -> Result<Result<Vec<u8>, Vec<u8>>, WireError> {
-        let req = rsvc_client::wire::decode(payload).map_err(bad_request)?;
-        let enc =
-            |r: Result<Vec<u8>, postcard::Error>| r.map_err(|e| WireError::Invalid(format!("encode: {e}")));
-        Ok(match self.0.handle(ctx, req).await {
-            Ok(resp) => Ok(enc(rsvc_client::wire::encode(&resp))?),
-            Err(err) => Err(enc(rsvc_client::wire::encode(&err))?),
-        })
-    }
-    fn is_mutating(&self, payload: &[u8]) -> Result<bool, WireError> {
-        let req: <S::Api as ServiceApi>::Request = rsvc_client::wire::decode(payload).map_err(bad_request)?;
-        Ok(<S::Api as ServiceApi>::is_mutating(&req))
-    }
 }
 
 /// The kept result of one mutating request (key `client ++ seq`).
@@ -206,29 +147,14 @@ impl Drop for Admitted<'_> {
     }
 }
 
-/// Maps an rdb error on the request path to the wire.
-pub(crate) fn wire_of(e: &rdb::Error) -> WireError {
-    match e {
-        rdb::Error::NotLeader { .. } | rdb::Error::Timeout(_) => WireError::NotLeader,
-        rdb::Error::NoSpace { .. } => WireError::NoSpace,
-        rdb::Error::Busy(_) => WireError::Busy,
-        // A failed precondition is a lost race with a concurrent request: nothing was applied,
-        // so the client may retry the very same request.
-        rdb::Error::Apply(rdb::ApplyError::PreconditionFailed(_)) => WireError::Busy,
-        rdb::Error::Apply(a) => WireError::Invalid(format!("transaction refused: {a}")),
-        rdb::Error::Stopped(_) => WireError::Shutdown,
-        other => WireError::Invalid(other.to_string()),
-    }
-}
-
 impl Host {
     /// Hosts `db` for `svc` and starts following its leadership events.
-    pub fn start(class: &str, instance: &str, db: Db, svc: Arc<dyn ErasedService>) -> Arc<Host> {
+    pub fn start(class: &str, instance: &str, db: Db, svc: HostedService) -> Arc<Host> {
         let host = Arc::new(Host {
             class: class.to_string(),
             instance: instance.to_string(),
             db: db.clone(),
-            svc,
+            svc: svc.0,
             state: Mutex::new((State::Down, 0)),
             tasks: Mutex::new(None),
             inflight: AtomicUsize::new(0),
@@ -277,31 +203,22 @@ impl Host {
         }
     }
 
-    async fn try_step_up(&self, term: u64) -> Result<StepUp, String> {
-        let mut tx = self.db.begin(Some(term)).map_err(|e| e.to_string())?;
+    async fn try_step_up(&self, term: u64) -> Result<StepUp, ServiceError> {
+        let mut tx = self.db.begin(Some(term))?;
         let bootstrapped = match tx.get(&Path::root(), SYS_KVS).await {
-            Ok(Some(_)) => tx
-                .lookup(&sys(), BOOTSTRAPPED)
-                .await
-                .map_err(|e| e.to_string())?
-                .is_some(),
+            Ok(Some(_)) => tx.lookup(&sys(), BOOTSTRAPPED).await?.is_some(),
             Ok(None) => false,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         if !bootstrapped {
-            let mut init = self.db.begin(Some(term)).map_err(|e| e.to_string())?;
-            if tx
-                .get(&Path::root(), SYS_KVS)
-                .await
-                .map_err(|e| e.to_string())?
-                .is_none()
-            {
+            let mut init = self.db.begin(Some(term))?;
+            if tx.get(&Path::root(), SYS_KVS).await?.is_none() {
                 init.create_kvs(&Path::root(), SYS_KVS, KeyClass::Lexical);
                 init.create_kvs(&sys(), SVC_OPS, KeyClass::Lexical);
             }
             self.svc.bootstrap(&mut init).await?;
             init.update(&sys(), BOOTSTRAPPED, b"1".to_vec());
-            init.commit().await.map_err(|e| e.to_string())?;
+            init.commit().await?;
             tracing::info!(class = %self.class, instance = %self.instance, term, "bootstrapped a new database");
         } else {
             self.prune_svc_ops(tx).await;

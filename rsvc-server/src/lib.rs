@@ -43,10 +43,12 @@ pub mod cli;
 pub mod config;
 pub mod counter;
 pub mod engine;
+pub mod error;
 pub mod host;
 pub mod leader_tasks;
 pub mod metrics;
 pub mod mgmt;
+mod rpc;
 pub mod service;
 pub mod transport;
 pub mod wire;
@@ -54,5 +56,7 @@ pub mod wire;
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use host::State;
 pub use leader_tasks::{CancellationToken, LeaderTasks};
-pub use service::{Ctx, FnFactory, OnceFactory, ReplicatedService, ServiceFactory, StepUp};
+pub use service::{
+    Ctx, FnFactory, HostedService, OnceFactory, ReplicatedService, ServiceError, ServiceFactory, StepUp,
+};
 pub use transport::GrpcTransport;

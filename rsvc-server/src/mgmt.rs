@@ -23,7 +23,7 @@ use rsvc_client::mgmt::{
 };
 
 use crate::leader_tasks::LeaderTasks;
-use crate::service::{Ctx, ReplicatedService, StepUp};
+use crate::service::{Ctx, ReplicatedService, ServiceError, StepUp};
 use crate::transport::GrpcTransport;
 use crate::wire::{self, pb};
 
@@ -616,8 +616,9 @@ impl MgmtInner {
     }
 
     /// Sends `call` to the replicas of `info` until the leader accepts it, for up to `rounds`
-    /// passes over them. A refusal of the request itself (INTERNAL, INVALID_ARGUMENT) ends it;
-    /// "not the leader", busy, unreachable and "no replica here" move on to the next replica.
+    /// passes over them. A refusal of the request itself (INTERNAL, INVALID_ARGUMENT,
+    /// DEADLINE_EXCEEDED) ends it; "not the leader", busy, unreachable and "no replica here"
+    /// move on to the next replica (see `From<EngineError> for Status`).
     async fn ask_leader<T, F, Fut>(&self, info: &InstanceInfo, rounds: usize, call: F) -> Result<T, String>
     where
         F: Fn(pb::peer_client::PeerClient<tonic::transport::Channel>) -> Fut,
@@ -632,7 +633,14 @@ impl MgmtInner {
                 let Ok(peer) = self.peers.peer(addr) else { continue };
                 match call(peer).await {
                     Ok(v) => return Ok(v),
-                    Err(s) if matches!(s.code(), tonic::Code::Internal | tonic::Code::InvalidArgument) => {
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::Internal
+                                | tonic::Code::InvalidArgument
+                                | tonic::Code::DeadlineExceeded
+                        ) =>
+                    {
                         return Err(format!("rank {rank}: {}", s.message()));
                     }
                     Err(s) => last = format!("rank {rank}: {}", s.message()),
@@ -884,7 +892,7 @@ impl MgmtInner {
 impl ReplicatedService for Mgmt {
     type Api = MgmtApi;
 
-    async fn step_up(&self, _db: &rdb::Db, _term: u64) -> Result<StepUp, String> {
+    async fn step_up(&self, _db: &rdb::Db, _term: u64) -> Result<StepUp, ServiceError> {
         self.seen.lock().expect("lock").clear();
         self.missing.lock().expect("lock").clear();
         Ok(StepUp::Up)
@@ -908,7 +916,7 @@ impl ReplicatedService for Mgmt {
         });
     }
 
-    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), String> {
+    async fn bootstrap(&self, tx: &mut Tx) -> Result<(), ServiceError> {
         tx.create_kvs(&Path::root(), "ranks", KeyClass::Integer);
         tx.create_kvs(&Path::root(), "instances", KeyClass::Lexical);
         Ok(())

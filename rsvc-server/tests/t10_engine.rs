@@ -578,10 +578,14 @@ struct Grumpy(Counter);
 #[async_trait::async_trait]
 impl rsvc_server::ReplicatedService for Grumpy {
     type Api = CounterApi;
-    async fn bootstrap(&self, tx: &mut rdb::Tx) -> Result<(), String> {
+    async fn bootstrap(&self, tx: &mut rdb::Tx) -> Result<(), rsvc_server::ServiceError> {
         self.0.bootstrap(tx).await
     }
-    async fn step_up(&self, _db: &rdb::Db, _term: u64) -> Result<rsvc_server::StepUp, String> {
+    async fn step_up(
+        &self,
+        _db: &rdb::Db,
+        _term: u64,
+    ) -> Result<rsvc_server::StepUp, rsvc_server::ServiceError> {
         Err("cannot load caches here".into())
     }
     async fn handle(
@@ -712,7 +716,7 @@ impl Drop for Running {
 #[async_trait::async_trait]
 impl rsvc_server::ReplicatedService for Ticker {
     type Api = CounterApi;
-    async fn bootstrap(&self, tx: &mut rdb::Tx) -> Result<(), String> {
+    async fn bootstrap(&self, tx: &mut rdb::Tx) -> Result<(), rsvc_server::ServiceError> {
         Counter.bootstrap(tx).await
     }
     fn leader_tasks(&self, _db: &rdb::Db, term: u64, tasks: &mut rsvc_server::LeaderTasks) {

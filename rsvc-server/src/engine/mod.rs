@@ -1,0 +1,372 @@
+//! The engine: one process hosting many replicas, serving clients, peers and lifecycle calls
+//! on one gRPC listener.
+//!
+//! - this module: configuration, errors, start and shutdown (with the hand-over of every led
+//!   instance);
+//! - `registry`: the hosted replicas, indexed by name for clients and by database id for
+//!   raft messages;
+//! - `join`: joining the system through the access points, and the first access point's
+//!   bootstrap of the management service;
+//! - `replicas`: replica lifecycle: recovery at start, create, dictate, stop, and reopening
+//!   replicas that a storage error stopped.
+//!
+//! The gRPC adapters that call into it are in the crate's `rpc` module.
+
+mod join;
+mod registry;
+mod replicas;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rdb::{Db, DbConfig, DbId, Member, ReplicaId, SharedFsProbe, StartOptions};
+use rsvc_client::wire::{self as cwire, pb as cpb};
+use tokio::sync::watch;
+
+use crate::host::Host;
+use crate::service::ServiceFactory;
+use crate::transport::{GrpcTransport, MAX_RAFT_MESSAGE_BYTES};
+use crate::wire::pb;
+
+use registry::Registry;
+
+/// How often the engine looks for replicas that a storage error stopped.
+const REVIVE_PERIOD: Duration = Duration::from_secs(1);
+/// A reopened replica counts as running again once it stayed up this long.
+const REVIVED_AFTER: Duration = Duration::from_secs(3);
+
+/// How long a stopping engine tries to hand over one instance's leadership.
+pub(crate) const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Pause between attempts to join the system.
+const JOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often the first access point asks the others whether a system exists, before it
+/// bootstraps the management service.
+const BOOTSTRAP_POLL: Duration = Duration::from_millis(200);
+
+/// How long a new group may take to elect its first leader and commit its first entry (on a
+/// quorum) before its creation counts as failed.
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an access point may take to answer `Identify` before bootstrapping.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What an engine needs to run.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This engine's rank: unique in the system, stable across restarts.
+    pub rank: u32,
+    /// Where to listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The address peers and clients use to reach this engine (default: the bound address).
+    pub advertise: Option<String>,
+    /// One subdirectory per replica: `<data_dir>/<class>/<instance>/`.
+    pub data_dir: PathBuf,
+    /// System name; messages from another system are refused.
+    pub cluster: String,
+    /// rdb tunables for every hosted replica.
+    pub db: DbConfig,
+    /// The access points: engines hosting the management service, as `(rank, address)`. An
+    /// empty address stands for this engine's own. An engine whose rank is listed is an access
+    /// point; the lowest-ranked one bootstraps the management service on first start. Every
+    /// engine joins the system through them. Empty: no management service (standalone).
+    pub access_points: Vec<(u32, String)>,
+    /// On the management leader: move the replicas of an engine that has been down this long
+    /// to a spare engine. `None` leaves that to the operator.
+    pub reconf_after: Option<std::time::Duration>,
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// I/O while binding or scanning the data directory.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// rdb refused.
+    #[error("rdb: {0}")]
+    Rdb(#[from] rdb::Error),
+    /// Unknown service class.
+    #[error("no service class {0:?} is registered on this engine")]
+    UnknownClass(String),
+    /// Bad argument.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The replica is not in a state where this can be done (a dictate of a leader, of a
+    /// replica of another generation).
+    #[error("{0}")]
+    Precondition(String),
+    /// The data directory is locked by another engine process.
+    #[error("data directory {dir} is in use by another engine (pid {pid}); two engines cannot share one")]
+    DataDirInUse {
+        /// The directory.
+        dir: PathBuf,
+        /// The pid written by the engine holding the lock, as found in the lock file.
+        pid: String,
+    },
+    /// A replica found in the data directory could not be opened.
+    #[error("cannot open the replica {class}/{instance} in {dir}: {cause}")]
+    Recover {
+        /// Its service class.
+        class: String,
+        /// Its instance.
+        instance: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// Why.
+        cause: String,
+    },
+}
+
+/// Where an engine stands with the system it joins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinState {
+    /// Still trying; the last reason it did not work yet, if any.
+    Joining(Option<String>),
+    /// In the system map, reachable by the management leader at its address.
+    Joined,
+    /// Refused for good (another cluster, or the rank is alive elsewhere).
+    Refused(String),
+}
+
+pub(crate) struct Inner {
+    pub(crate) rank: u32,
+    pub(crate) addr: String,
+    pub(crate) cluster: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) db_config: DbConfig,
+    /// One free-space probe for every replica here: each one's margin also covers the upkeep
+    /// of the others on the same data directory (see `rdb::admission`).
+    pub(crate) probe: Arc<SharedFsProbe>,
+    pub(crate) transport: Arc<GrpcTransport>,
+    pub(crate) factories: HashMap<String, Arc<dyn ServiceFactory>>,
+    pub(crate) hosts: RwLock<Registry>,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) shutdown: watch::Sender<bool>,
+    /// Random per process: tells this engine from an earlier or later one of the same rank.
+    pub(crate) incarnation: u64,
+    /// Whether this engine is in the system yet; `Joined` from the start without access points.
+    pub(crate) joined: watch::Sender<JoinState>,
+    /// The data directory's lock, held until the engine has stopped (see [`lock_data_dir`]).
+    pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+/// Takes an exclusive `flock` on `<dir>/engine.lock` and writes this process's pid into it, so
+/// that a second engine on the same directory fails at once instead of fighting over its files.
+fn lock_data_dir(dir: &FsPath) -> Result<std::fs::File, EngineError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("engine.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        return Err(EngineError::DataDirInUse {
+            dir: dir.to_path_buf(),
+            pid: pid.trim().to_string(),
+        });
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+/// A running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Engine {
+    /// Binds, recovers every replica found under the data directory, and starts serving.
+    pub async fn start(
+        cfg: EngineConfig,
+        factories: Vec<Arc<dyn ServiceFactory>>,
+    ) -> Result<Engine, EngineError> {
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let bound = listener.local_addr()?;
+        let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let lock = lock_data_dir(&cfg.data_dir)?;
+        let (shutdown, _) = watch::channel(false);
+        let source = Some(bound.ip()).filter(|ip| !ip.is_unspecified());
+        let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone(), source));
+        let access_points: Vec<(u32, String)> = cfg
+            .access_points
+            .iter()
+            .map(|(r, a)| (*r, if a.is_empty() { addr.clone() } else { a.clone() }))
+            .collect();
+        let is_ap = access_points.iter().any(|(r, _)| *r == cfg.rank);
+        let mut factories = factories;
+        if is_ap {
+            let mgmt = crate::mgmt::Mgmt::new(
+                transport.clone(),
+                cfg.cluster.clone(),
+                (cfg.rank, addr.clone()),
+                cfg.reconf_after,
+                cfg.db.election_timeout.1,
+            );
+            factories.push(Arc::new(crate::service::OnceFactory::new(mgmt)));
+        }
+        let inner = Arc::new(Inner {
+            rank: cfg.rank,
+            addr,
+            cluster: cfg.cluster.clone(),
+            data_dir: cfg.data_dir.clone(),
+            db_config: cfg.db.clone(),
+            probe: Arc::new(SharedFsProbe::new(cfg.data_dir.clone(), cfg.db.free_space_cache)),
+            transport,
+            factories: factories
+                .into_iter()
+                .map(|f| (f.class().to_string(), f))
+                .collect(),
+            hosts: RwLock::new(Registry::default()),
+            stopping: AtomicBool::new(false),
+            shutdown,
+            incarnation: rand::random(),
+            joined: watch::channel(if access_points.is_empty() {
+                JoinState::Joined
+            } else {
+                JoinState::Joining(None)
+            })
+            .0,
+            lock: std::sync::Mutex::new(Some(lock)),
+        });
+        let engine = Engine { inner };
+        engine.recover().await?;
+
+        let rsvc = cpb::rsvc_server::RsvcServer::new(crate::rpc::client::RsvcSvc(engine.clone()))
+            .max_decoding_message_size(cwire::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(cwire::MAX_MESSAGE_BYTES);
+        let peer = pb::peer_server::PeerServer::new(crate::rpc::peer::PeerSvc(engine.clone()))
+            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        // The standard gRPC health service: "" is SERVING while the engine runs.
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let mut stop = engine.inner.shutdown.subscribe();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tokio::spawn(async move {
+            let res = tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(256)
+                .add_service(health_svc)
+                .add_service(rsvc)
+                .add_service(peer)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(cause = %e, "gRPC server failed");
+            }
+        });
+        tracing::info!(rank = engine.inner.rank, addr = %engine.inner.addr, "engine serving");
+        if !access_points.is_empty() {
+            let e = engine.clone();
+            tokio::spawn(async move { e.join_system(access_points, is_ap).await });
+        }
+        {
+            let e = engine.clone();
+            tokio::spawn(async move { e.revive_stopped().await });
+        }
+        Ok(engine)
+    }
+
+    /// Waits until this engine is in the system (at once without access points), or was
+    /// refused for good. "Ready" means this: data open, serving, and reachable by the
+    /// management leader at the advertised address.
+    pub async fn wait_joined(&self) -> Result<(), String> {
+        let mut rx = self.inner.joined.subscribe();
+        let state = rx
+            .wait_for(|s| !matches!(s, JoinState::Joining(_)))
+            .await
+            .map_err(|_| "engine stopped".to_string())?
+            .clone();
+        match state {
+            JoinState::Refused(why) => Err(why),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where this engine stands with its system.
+    pub fn join_state(&self) -> JoinState {
+        self.inner.joined.borrow().clone()
+    }
+
+    /// Random per engine process.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// The system name.
+    pub fn cluster(&self) -> &str {
+        &self.inner.cluster
+    }
+
+    /// This engine's rank.
+    pub fn rank(&self) -> u32 {
+        self.inner.rank
+    }
+
+    /// The address peers and clients reach this engine at.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// Stops the engine: every led instance is handed to a caught-up peer (or, failing that,
+    /// resigned), every replica stops, then the listener closes.
+    pub async fn shutdown(&self) {
+        // NB: hosts stay registered, and led instances keep serving, during the handover: the
+        // new leader must still reach this replica to tell it that leadership moved, and a
+        // young leader serves on while it waits to be old enough to hand over (see
+        // `rdb::Db::transfer_leadership`). Only then does the engine refuse new calls.
+        let hosts: Vec<Arc<Host>> = self.hosts();
+        // Hand every led instance to a caught-up peer first, so that clients see a leader
+        // change within a round trip rather than an election timeout.
+        let handovers = hosts.iter().filter(|h| h.db.up_term().is_some()).map(|h| async move {
+            let t = std::time::Instant::now();
+            let res = match h.db.transfer_target() {
+                Some(to) => h.db.transfer_leadership(to, TRANSFER_TIMEOUT).await,
+                None => Err(rdb::Error::NotFound("no other voter".into())),
+            };
+            match res {
+                Ok(()) => tracing::info!(class = %h.class, instance = %h.instance, elapsed_ms = t.elapsed().as_millis() as u64, "handed over leadership"),
+                Err(e) => {
+                    tracing::warn!(class = %h.class, instance = %h.instance, cause = %e, "handover failed; resigning");
+                    let _ = h.db.resign().await;
+                }
+            }
+        });
+        futures::future::join_all(handovers).await;
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let hosts: Vec<Arc<Host>> = self.inner.hosts.write().expect("lock").drain();
+        for h in hosts {
+            if let Err(e) = h.db.stop().await {
+                tracing::warn!(class = %h.class, instance = %h.instance, cause = %e, "stop failed");
+            }
+        }
+        let _ = self.inner.shutdown.send(true);
+        // Every replica is closed: another engine may have the directory now.
+        self.inner.lock.lock().expect("lock").take();
+        tracing::info!(rank = self.inner.rank, "engine stopped");
+    }
+}
