@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use cont_svc::ContError;
 use pool_svc::client::is_cont_error;
 use pool_svc::{ContClient, PoolClient, PoolError, PoolRequest, PoolResponse};
-use rdb::DbConfig;
 use rsvc_client::mgmt::{mgmt_client, MgmtLocator, MgmtRequest, MgmtResponse};
 use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient};
 use rsvc_server::{Engine, EngineConfig};
@@ -33,14 +32,8 @@ async fn system() -> Sys {
         let mut mine = aps.clone();
         mine.push((rank, String::new()));
         let cfg = EngineConfig {
-            rank,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            data_dir: tmp.path().join(format!("e{rank}")),
-            cluster: "pool-test".into(),
-            db: DbConfig::fast(),
             access_points: mine,
-            reconf_after: None,
+            ..EngineConfig::for_tests(rank, tmp.path().join(format!("e{rank}")))
         };
         let e = Engine::start(cfg, pool_svc::factories()).await.unwrap();
         aps.push((rank, e.addr().to_string()));

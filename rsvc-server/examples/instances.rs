@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rdb::{DbConfig, DbId};
+use rdb::DbId;
 use rsvc_server::counter::Counter;
 use rsvc_server::{Engine, EngineConfig, FnFactory, ServiceFactory, State};
 
@@ -51,13 +51,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for rank in 1..=3u32 {
         let cfg = EngineConfig {
             rank,
-            listen: "127.0.0.1:0".parse()?,
-            advertise: None,
             data_dir: tmp.path().join(format!("e{rank}")),
-            cluster: "bench".into(),
-            db: DbConfig::default(),
-            access_points: vec![],
             reconf_after: None,
+            ..EngineConfig::default()
         };
         let f: Vec<Arc<dyn ServiceFactory>> = vec![Arc::new(FnFactory::new(|_: &str| Counter))];
         engines.push(Engine::start(cfg, f).await?);

@@ -347,6 +347,14 @@ pub fn convention_findings(cmd: &clap::Command) -> Vec<String> {
     out
 }
 
+/// Asserts that a binary's parser follows the convention ([`convention_findings`], and clap's
+/// own `debug_assert`); each binary calls it from a unit test.
+pub fn assert_convention(cmd: clap::Command) {
+    cmd.clone().debug_assert();
+    let findings = convention_findings(&cmd);
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
+
 /// Parses an instance label (a pool's, a container's): 1 to 128 of `A-Z a-z 0-9 . _ -`, not
 /// starting with a dot, so that a bad one is a usage error before anything is sent.
 pub fn parse_label(s: &str) -> Result<String, String> {

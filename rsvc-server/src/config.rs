@@ -179,6 +179,7 @@ impl FileConfig {
             db,
             access_points: access_points?,
             reconf_after: (self.reconf_after_secs > 0).then(|| Duration::from_secs(self.reconf_after_secs)),
+            limits: crate::engine::EngineLimits::default(),
         })
     }
 }

@@ -53,7 +53,7 @@ pub mod service;
 pub mod transport;
 pub mod wire;
 
-pub use engine::{Engine, EngineConfig, EngineError};
+pub use engine::{Engine, EngineConfig, EngineError, EngineLimits};
 pub use host::State;
 pub use leader_tasks::{CancellationToken, LeaderTasks};
 pub use service::{

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdb::{DbConfig, DbId, Member};
+use rdb::{DbId, Member};
 use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient, StaticLocator, WireError};
 use rsvc_server::counter::{Counter, CounterApi, CounterError, CounterRequest, CounterResponse};
 use rsvc_server::{Engine, EngineConfig, FnFactory, ServiceFactory};
@@ -51,14 +51,8 @@ impl System {
 
     fn config(tmp: &TempDir, rank: u32, listen: &str) -> EngineConfig {
         EngineConfig {
-            rank,
             listen: listen.parse().unwrap(),
-            advertise: None,
-            data_dir: tmp.path().join(format!("engine{rank}")),
-            cluster: "test".into(),
-            db: DbConfig::fast(),
-            access_points: vec![],
-            reconf_after: None,
+            ..EngineConfig::for_tests(rank, tmp.path().join(format!("engine{rank}")))
         }
     }
 
@@ -608,16 +602,7 @@ async fn a_failed_step_up_gives_leadership_away() {
         } else {
             Arc::new(FnFactory::new(|_: &str| Counter))
         };
-        let cfg = EngineConfig {
-            rank,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            data_dir: tmp.path().join(format!("engine{rank}")),
-            cluster: "test".into(),
-            db: DbConfig::fast(),
-            access_points: vec![],
-            reconf_after: None,
-        };
+        let cfg = EngineConfig::for_tests(rank, tmp.path().join(format!("engine{rank}")));
         engines.push(Engine::start(cfg, vec![f]).await.unwrap());
     }
     // Rank 1 bootstraps the group, so it is likely the first leader, and its step-up fails.
@@ -664,16 +649,7 @@ async fn a_failed_step_up_gives_leadership_away() {
 async fn start_replica_replaces_an_orphan_of_an_older_generation() {
     init_tracing();
     let tmp = TempDir::new().unwrap();
-    let cfg = EngineConfig {
-        rank: 1,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        advertise: None,
-        data_dir: tmp.path().join("engine1"),
-        cluster: "test".into(),
-        db: DbConfig::fast(),
-        access_points: vec![],
-        reconf_after: None,
-    };
+    let cfg = EngineConfig::for_tests(1, tmp.path().join("engine1"));
     let e = Engine::start(cfg, factories()).await.unwrap();
     let db = DbId::random();
     let g1 = e.start_replica("counter", "o", db, 1, vec![]).await.unwrap();

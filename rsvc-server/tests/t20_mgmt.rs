@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdb::DbConfig;
 use rsvc_client::mgmt::{
     mgmt_client, MgmtError, MgmtLocator, MgmtRequest, MgmtResponse, MGMT_CLASS, MGMT_INSTANCE,
 };
@@ -32,14 +31,10 @@ async fn engine_with(
     reconf_after: Option<Duration>,
 ) -> Engine {
     let cfg = EngineConfig {
-        rank,
         listen: listen.parse().unwrap(),
-        advertise: None,
-        data_dir: tmp.path().join(format!("engine{rank}")),
-        cluster: "mgmt-test".into(),
-        db: DbConfig::fast(),
         access_points: aps,
         reconf_after,
+        ..EngineConfig::for_tests(rank, tmp.path().join(format!("engine{rank}")))
     };
     Engine::start(cfg, factories()).await.unwrap()
 }

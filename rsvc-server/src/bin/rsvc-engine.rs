@@ -237,9 +237,6 @@ mod convention {
     /// Every flag and subcommand has help text, and no required flag shows a default.
     #[test]
     fn the_cli_follows_the_convention() {
-        let cmd = super::Cli::command();
-        cmd.clone().debug_assert();
-        let findings = rsvc_server::cli::convention_findings(&cmd);
-        assert!(findings.is_empty(), "{}", findings.join("\n"));
+        rsvc_server::cli::assert_convention(super::Cli::command());
     }
 }

@@ -64,7 +64,11 @@ impl Engine {
                     self.inner.joined.send_replace(JoinState::Joining(Some(cause)));
                 }
             }
-            if *stop.borrow() || tokio::time::timeout(JOIN_RETRY, stop.changed()).await.is_ok() {
+            if *stop.borrow()
+                || tokio::time::timeout(self.inner.limits.join_retry, stop.changed())
+                    .await
+                    .is_ok()
+            {
                 return;
             }
         }
@@ -93,11 +97,14 @@ impl Engine {
         loop {
             let asks = others.iter().map(|(rank, addr)| async move {
                 let answer = match self.inner.transport.peer(addr) {
-                    Ok(mut p) => tokio::time::timeout(IDENTIFY_TIMEOUT, p.identify(pb::IdentifyRequest {}))
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok())
-                        .map(|r| r.into_inner()),
+                    Ok(mut p) => tokio::time::timeout(
+                        self.inner.limits.bootstrap_identify_timeout,
+                        p.identify(pb::IdentifyRequest {}),
+                    )
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .map(|r| r.into_inner()),
                     Err(_) => None,
                 };
                 (*rank, answer)
@@ -133,7 +140,11 @@ impl Engine {
                 );
                 waiting_for = silent;
             }
-            if *stop.borrow() || tokio::time::timeout(BOOTSTRAP_POLL, stop.changed()).await.is_ok() {
+            if *stop.borrow()
+                || tokio::time::timeout(self.inner.limits.bootstrap_poll, stop.changed())
+                    .await
+                    .is_ok()
+            {
                 return false;
             }
         }

@@ -34,27 +34,63 @@ use crate::wire::pb;
 
 use registry::Registry;
 
-/// How often the engine looks for replicas that a storage error stopped.
-const REVIVE_PERIOD: Duration = Duration::from_secs(1);
-/// A reopened replica counts as running again once it stayed up this long.
-const REVIVED_AFTER: Duration = Duration::from_secs(3);
+/// The engine's timeouts and bounds, and its management service's, each with its default
+/// ([`EngineLimits::default`]). The raft timers are in [`DbConfig`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// How long a stopping engine tries to hand over one instance's leadership, and how long a
+    /// leadership transfer may take (5 s).
+    pub transfer_timeout: Duration,
+    /// Pause between attempts to join the system (1 s).
+    pub join_retry: Duration,
+    /// How often the first access point asks the others whether a system exists, before it
+    /// bootstraps the management service (200 ms).
+    pub bootstrap_poll: Duration,
+    /// How long an access point may take to answer that question (1 s).
+    pub bootstrap_identify_timeout: Duration,
+    /// How long a new group may take to elect its first leader and commit its first entry (on
+    /// a quorum) before its creation counts as failed; also how long a dictated replica may
+    /// take to lead (10 s).
+    pub bootstrap_timeout: Duration,
+    /// How often the engine looks for replicas that a storage error stopped (1 s).
+    pub revive_period: Duration,
+    /// A reopened replica counts as running again once it stayed up this long (3 s).
+    pub revived_after: Duration,
+    /// Requests served at once per client connection (256).
+    pub requests_per_connection: usize,
+    /// Management leader: how long a joining engine may take to answer `Identify` (2 s).
+    pub join_identify_timeout: Duration,
+    /// Management leader: pause between rounds of asking an instance's replicas which one
+    /// leads, for a membership change or a transfer (100 ms).
+    pub change_retry: Duration,
+    /// Management leader: how long a listed replica must be missing from its answering engine
+    /// before it is re-created; a moment's absence could be an add or a remove in progress
+    /// (2 s).
+    pub lost_after: Duration,
+    /// Management leader: it probes every engine once per maximum election timeout, within
+    /// these bounds (200 ms, 1 s), so that a dead engine shows `Down` about as soon as its
+    /// groups have replaced it.
+    pub probe_bounds: (Duration, Duration),
+}
 
-/// How long a stopping engine tries to hand over one instance's leadership.
-pub(crate) const TRANSFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Pause between attempts to join the system.
-const JOIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// How often the first access point asks the others whether a system exists, before it
-/// bootstraps the management service.
-const BOOTSTRAP_POLL: Duration = Duration::from_millis(200);
-
-/// How long a new group may take to elect its first leader and commit its first entry (on a
-/// quorum) before its creation counts as failed.
-const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long an access point may take to answer `Identify` before bootstrapping.
-const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits {
+            transfer_timeout: Duration::from_secs(5),
+            join_retry: Duration::from_secs(1),
+            bootstrap_poll: Duration::from_millis(200),
+            bootstrap_identify_timeout: Duration::from_secs(1),
+            bootstrap_timeout: Duration::from_secs(10),
+            revive_period: Duration::from_secs(1),
+            revived_after: Duration::from_secs(3),
+            requests_per_connection: 256,
+            join_identify_timeout: Duration::from_secs(2),
+            change_retry: Duration::from_millis(100),
+            lost_after: Duration::from_secs(2),
+            probe_bounds: (Duration::from_millis(200), Duration::from_secs(1)),
+        }
+    }
+}
 
 /// What an engine needs to run.
 #[derive(Clone, Debug)]
@@ -79,6 +115,43 @@ pub struct EngineConfig {
     /// On the management leader: move the replicas of an engine that has been down this long
     /// to a spare engine. `None` leaves that to the operator.
     pub reconf_after: Option<std::time::Duration>,
+    /// Timeouts and bounds.
+    pub limits: EngineLimits,
+}
+
+impl Default for EngineConfig {
+    /// A standalone engine of rank 1 on a free loopback port, with its data in `rsvc-data`
+    /// under the working directory, the default raft timers and limits, and automatic
+    /// reconfiguration after 30 s (as the config file's defaults).
+    fn default() -> Self {
+        EngineConfig {
+            rank: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            data_dir: PathBuf::from("rsvc-data"),
+            cluster: "rsvc".into(),
+            db: DbConfig::default(),
+            access_points: Vec::new(),
+            reconf_after: Some(Duration::from_secs(30)),
+            limits: EngineLimits::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// An engine for tests: rank `rank` of cluster `test`, on a free loopback port, with its
+    /// data in `data_dir`, fast raft timers (`DbConfig::fast`) and no automatic
+    /// reconfiguration.
+    pub fn for_tests(rank: u32, data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            rank,
+            data_dir: data_dir.into(),
+            cluster: "test".into(),
+            db: DbConfig::fast(),
+            reconf_after: None,
+            ..EngineConfig::default()
+        }
+    }
 }
 
 /// Why an engine call failed.
@@ -143,6 +216,7 @@ pub(crate) struct Inner {
     /// of the others on the same data directory (see `rdb::admission`).
     pub(crate) probe: Arc<SharedFsProbe>,
     pub(crate) transport: Arc<GrpcTransport>,
+    pub(crate) limits: EngineLimits,
     pub(crate) factories: HashMap<String, Arc<dyn ServiceFactory>>,
     pub(crate) hosts: RwLock<Registry>,
     pub(crate) stopping: AtomicBool,
@@ -222,6 +296,7 @@ impl Engine {
                 (cfg.rank, addr.clone()),
                 cfg.reconf_after,
                 cfg.db.election_timeout.1,
+                cfg.limits.clone(),
             );
             factories.push(Arc::new(crate::service::OnceFactory::new(mgmt)));
         }
@@ -233,6 +308,7 @@ impl Engine {
             db_config: cfg.db.clone(),
             probe: Arc::new(SharedFsProbe::new(cfg.data_dir.clone(), cfg.db.free_space_cache)),
             transport,
+            limits: cfg.limits.clone(),
             factories: factories
                 .into_iter()
                 .map(|f| (f.class().to_string(), f))
@@ -265,9 +341,10 @@ impl Engine {
             .await;
         let mut stop = engine.inner.shutdown.subscribe();
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let per_connection = engine.inner.limits.requests_per_connection;
         tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
-                .concurrency_limit_per_connection(256)
+                .concurrency_limit_per_connection(per_connection)
                 .add_service(health_svc)
                 .add_service(rsvc)
                 .add_service(peer)
@@ -345,7 +422,7 @@ impl Engine {
         let handovers = hosts.iter().filter(|h| h.db.up_term().is_some()).map(|h| async move {
             let t = std::time::Instant::now();
             let res = match h.db.transfer_target() {
-                Some(to) => h.db.transfer_leadership(to, TRANSFER_TIMEOUT).await,
+                Some(to) => h.db.transfer_leadership(to, self.inner.limits.transfer_timeout).await,
                 None => Err(rdb::Error::NotFound("no other voter".into())),
             };
             match res {

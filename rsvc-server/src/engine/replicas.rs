@@ -76,7 +76,7 @@ impl Engine {
             reopened: Option<std::time::Instant>,
         }
         let mut stop = self.inner.shutdown.subscribe();
-        let mut tick = tokio::time::interval(REVIVE_PERIOD);
+        let mut tick = tokio::time::interval(self.inner.limits.revive_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut down: HashMap<(String, String), Outage> = HashMap::new();
         loop {
@@ -93,7 +93,9 @@ impl Engine {
                     // Up again; it counts once it stayed up (a full disk may stop it again
                     // at once, and that is still the same outage).
                     if let Some(o) = down.get(&key) {
-                        if o.reopened.is_some_and(|t| t.elapsed() >= REVIVED_AFTER) {
+                        if o.reopened
+                            .is_some_and(|t| t.elapsed() >= self.inner.limits.revived_after)
+                        {
                             tracing::info!(class = %h.class, instance = %h.instance,
                                 down_ms = o.since.elapsed().as_millis() as u64,
                                 "replica runs again after a storage error");
@@ -200,7 +202,7 @@ impl Engine {
                 let s = host.db.status();
                 s.up_term.is_some() || (s.leader.is_some() && s.applied_index.is_some_and(|i| i >= 1))
             };
-            let deadline = tokio::time::Instant::now() + BOOTSTRAP_TIMEOUT;
+            let deadline = tokio::time::Instant::now() + self.inner.limits.bootstrap_timeout;
             while !formed() {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(EngineError::Rdb(rdb::Error::Timeout(
@@ -257,7 +259,7 @@ impl Engine {
         // would be taken for lost by the management service.
         let db = self.open_replica(class, instance, &dir).await?;
         rewritten?;
-        let deadline = tokio::time::Instant::now() + BOOTSTRAP_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.inner.limits.bootstrap_timeout;
         loop {
             if let Some(term) = db.up_term() {
                 tracing::warn!(%class, %instance, term, "dictated: this replica is now its group's only voter, and leads");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rdb::Member;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, EngineError, TRANSFER_TIMEOUT};
+use crate::engine::{Engine, EngineError};
 use crate::host::Host;
 use crate::wire::{self, pb};
 
@@ -116,7 +116,7 @@ impl pb::peer_server::Peer for PeerSvc {
                 .ok_or_else(|| Status::invalid_argument(format!("rank {} holds no voter", r.to_rank)))?
         };
         host.db
-            .transfer_leadership(to, TRANSFER_TIMEOUT)
+            .transfer_leadership(to, self.0.inner.limits.transfer_timeout)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(pb::TransferLeaderReply { new_leader: to.rank }))
@@ -194,7 +194,7 @@ impl PeerSvc {
                         .transfer_target()
                         .ok_or_else(|| Status::failed_precondition("the last voter cannot be removed"))?;
                     host.db
-                        .transfer_leadership(to, TRANSFER_TIMEOUT)
+                        .transfer_leadership(to, self.0.inner.limits.transfer_timeout)
                         .await
                         .map_err(|e| Status::unavailable(format!("handing over before removal: {e}")))?;
                     return Err(Status::unavailable(format!(

@@ -1,0 +1,51 @@
+//! The management database's layout and its readers.
+
+use super::*;
+
+/// `/ranks`: rank → RankInfo.
+pub(super) fn ranks() -> Path {
+    Path::root().child("ranks")
+}
+
+/// `/instances`: `class/label` → InstanceInfo.
+pub(super) fn instances() -> Path {
+    Path::root().child("instances")
+}
+
+/// A storage failure as the service reports it.
+pub(super) fn storage(e: impl std::fmt::Display) -> MgmtError {
+    MgmtError::Storage(e.to_string())
+}
+
+impl MgmtInner {
+    pub(super) async fn up_ranks(tx: &mut Tx) -> Result<Vec<RankInfo>, MgmtError> {
+        let all = tx.iterate(&ranks(), .., usize::MAX).await.map_err(storage)?;
+        let mut out = Vec::new();
+        for (_, v) in all {
+            if let rdb::Value::Bytes(b) = v {
+                out.push(postcard::from_bytes::<RankInfo>(&b).map_err(storage)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The instance `class/label` and its directory key; `NotFound` if there is none.
+    pub(super) async fn existing(
+        tx: &mut Tx,
+        class: &str,
+        label: &str,
+    ) -> Result<(String, InstanceInfo), MgmtError> {
+        let key = format!("{class}/{label}");
+        let info = Self::instance(tx, &key)
+            .await?
+            .ok_or_else(|| MgmtError::NotFound(named(class, label)))?;
+        Ok((key, info))
+    }
+
+    pub(super) async fn instance(tx: &mut Tx, key: &str) -> Result<Option<InstanceInfo>, MgmtError> {
+        match tx.lookup(&instances(), key.as_bytes()).await.map_err(storage)? {
+            Some(b) => Ok(Some(postcard::from_bytes(&b).map_err(storage)?)),
+            None => Ok(None),
+        }
+    }
+}
