@@ -76,8 +76,11 @@ pub enum ClientError<E> {
     /// The deadline passed; says what was tried.
     #[error("deadline of {deadline_ms} ms passed after {attempts} attempts; last: {last}")]
     Deadline {
+        /// The call's deadline.
         deadline_ms: u64,
+        /// How many replicas were asked, in all.
         attempts: u32,
+        /// What the last attempt ran into.
         last: String,
     },
     /// A final (not retryable) framework error.

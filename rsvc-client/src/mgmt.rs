@@ -64,8 +64,11 @@ pub enum MgmtRequest {
     /// reach at `addr`, and a rank that moves to a new address while its engine at the old one
     /// is still alive.
     Join {
+        /// The engine's rank.
         rank: u32,
+        /// Where the engine is reached (its advertised address).
         addr: String,
+        /// Whether the engine is an access point (hosts a management replica).
         access_point: bool,
         /// The joining engine's cluster name.
         cluster: String,
@@ -76,21 +79,46 @@ pub enum MgmtRequest {
     SystemMap,
     /// Creates an instance with `replicas` replicas on distinct engines.
     CreateInstance {
+        /// The service class (`pool`, ...).
         class: String,
+        /// The instance's label.
         label: String,
+        /// How many replicas.
         replicas: u32,
     },
     /// Stops and destroys every replica of an instance and forgets it.
-    DestroyInstance { class: String, label: String },
+    DestroyInstance {
+        /// The service class (`pool`, ...).
+        class: String,
+        /// The instance's label.
+        label: String,
+    },
     /// Adds a replica on `rank` (learner, then voter), under a new generation.
-    AddReplica { class: String, label: String, rank: u32 },
+    AddReplica {
+        /// The service class (`pool`, ...).
+        class: String,
+        /// The instance's label.
+        label: String,
+        /// The engine to host the new replica.
+        rank: u32,
+    },
     /// Removes the replica on `rank` from the group and destroys it if its engine answers.
-    RemoveReplica { class: String, label: String, rank: u32 },
+    RemoveReplica {
+        /// The service class (`pool`, ...).
+        class: String,
+        /// The instance's label.
+        label: String,
+        /// The engine whose replica leaves.
+        rank: u32,
+    },
     /// Hands the instance's leadership to the replica on `to_rank` (`None`: the most
     /// caught-up one); answers with the instance, whose first replica is then the new leader.
     TransferLeader {
+        /// The service class (`pool`, ...).
         class: String,
+        /// The instance's label.
         label: String,
+        /// The replica to lead next (`None`: the most caught-up one).
         to_rank: Option<u32>,
     },
     /// Catastrophic recovery of an instance whose quorum is lost for good (DAOS's dictate,
@@ -99,14 +127,25 @@ pub enum MgmtRequest {
     /// destroyed, and the directory lists the survivor alone. Refused while a quorum of the
     /// replicas answers or one leads. DANGEROUS: writes the survivor never received are lost.
     Dictate {
+        /// The service class (`pool`, ...).
         class: String,
+        /// The instance's label.
         label: String,
+        /// The survivor (`None`: the one with the longest log).
         rank: Option<u32>,
     },
     /// Where an instance lives.
-    Locate { class: String, label: String },
+    Locate {
+        /// The service class (`pool`, ...).
+        class: String,
+        /// The instance's label.
+        label: String,
+    },
     /// Every instance, optionally of one class.
-    ListInstances { class: Option<String> },
+    ListInstances {
+        /// Only instances of this class (`None`: all).
+        class: Option<String>,
+    },
     /// The management service itself, as an instance: its replicas (the access points that
     /// host it, with their addresses from the system map), their generations and its database
     /// id. Answers [`MgmtResponse::Instance`].
@@ -148,7 +187,12 @@ pub enum MgmtError {
     Exists(String),
     /// Fewer eligible engines than replicas asked for.
     #[error("{want} replicas wanted but only {have} engines are up")]
-    NotEnoughRanks { want: u32, have: u32 },
+    NotEnoughRanks {
+        /// Replicas asked for.
+        want: u32,
+        /// Engines up.
+        have: u32,
+    },
     /// Starting replicas failed; the ones that started were destroyed again.
     #[error("could not start replicas: {0}")]
     StartFailed(String),

@@ -13,9 +13,17 @@ use crate::service::{Ctx, ReplicatedService, ServiceError};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum CounterRequest {
     /// Adds `delta` to counter `name` (created at 0) and returns the new value.
-    Add { name: String, delta: i64 },
+    Add {
+        /// The counter.
+        name: String,
+        /// What to add (may be negative).
+        delta: i64,
+    },
     /// Reads counter `name`.
-    Get { name: String },
+    Get {
+        /// The counter.
+        name: String,
+    },
     /// Lists every counter.
     List,
 }

@@ -13,27 +13,27 @@ use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub const POOL_SVC: &str = env!("CARGO_BIN_EXE_pool-svc");
-pub const CONT_SVC: &str = env!("CARGO_BIN_EXE_cont-svc");
-pub const DEADLINE: Duration = Duration::from_secs(30);
-pub const POLL: Duration = Duration::from_millis(100);
+pub(crate) const POOL_SVC: &str = env!("CARGO_BIN_EXE_pool-svc");
+pub(crate) const CONT_SVC: &str = env!("CARGO_BIN_EXE_cont-svc");
+pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 
 /// One engine process.
-pub struct Engine {
+pub(crate) struct Engine {
     pub rank: u32,
     pub addr: String,
     pub child: tokio::process::Child,
 }
 
 /// What became of a `serve` process: it printed its ready line, or it exited.
-pub enum Started {
+pub(crate) enum Started {
     Ready(Engine),
     Exited { code: Option<i32>, stderr: String },
 }
 
 /// A system of `pool-svc serve` engines (rsvc-tests' harness), and the client commands a user
 /// would run against it.
-pub struct System {
+pub(crate) struct System {
     /// The engines; dropped (killed) before their data directory.
     pub rsvc: RsvcSystem,
     /// `rank@addr,...` of the access points.
@@ -43,7 +43,7 @@ pub struct System {
 
 /// Starts `pool-svc serve` with `args`, waits for its ready line or its exit, and returns
 /// which. Its stderr goes to `log`.
-pub async fn serve(rank: u32, args: &[String], log: &Path, env: &[(&str, &str)]) -> Started {
+pub(crate) async fn serve(rank: u32, args: &[String], log: &Path, env: &[(&str, &str)]) -> Started {
     let stderr = std::fs::File::create(log).unwrap();
     let mut cmd = tokio::process::Command::new(POOL_SVC);
     cmd.arg("serve")
@@ -89,19 +89,19 @@ pub async fn serve(rank: u32, args: &[String], log: &Path, env: &[(&str, &str)])
 
 impl System {
     /// `n` engines, all access points, of cluster `cli`, with fast timers.
-    pub async fn start(n: u32) -> System {
+    pub(crate) async fn start(n: u32) -> System {
         Self::start_in(n, TempDir::new().unwrap()).await
     }
 
     /// [`start`](Self::start) with the engines' data directories under `data` (a filesystem
     /// of the test's choosing); configs and logs stay in a temporary directory.
-    pub async fn start_with_data(n: u32, data: &Path) -> System {
+    pub(crate) async fn start_with_data(n: u32, data: &Path) -> System {
         Self::start_with_data_of(n, |rank| Some(data.join(format!("engine{rank}")))).await
     }
 
     /// [`start`](Self::start) with the data directory of each rank where `data` says (`None`:
     /// the temporary directory), e.g. one engine on a filesystem of its own.
-    pub async fn start_with_data_of(n: u32, data: impl Fn(u32) -> Option<PathBuf>) -> System {
+    pub(crate) async fn start_with_data_of(n: u32, data: impl Fn(u32) -> Option<PathBuf>) -> System {
         let tmp = TempDir::new().unwrap();
         for rank in 1..=n {
             if let Some(on) = data(rank) {
@@ -127,7 +127,7 @@ impl System {
     }
 
     /// The `serve` flags of engine `rank` in this system, without access points.
-    pub fn args(&self, rank: u32, listen: &str) -> Vec<String> {
+    pub(crate) fn args(&self, rank: u32, listen: &str) -> Vec<String> {
         let mut a: Vec<String> = [
             "--rank",
             &rank.to_string(),
@@ -145,16 +145,16 @@ impl System {
         a
     }
 
-    pub fn data_dir(&self, rank: u32) -> PathBuf {
+    pub(crate) fn data_dir(&self, rank: u32) -> PathBuf {
         self.rsvc.data_dir(rank)
     }
 
-    pub fn log(&self, name: &str) -> PathBuf {
+    pub(crate) fn log(&self, name: &str) -> PathBuf {
         self.tmp.path().join(format!("{name}.log"))
     }
 
     /// Runs a client command against this system, as a user would: no `RUST_LOG`.
-    pub fn run(&self, bin: &str, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, bin: &str, args: &[&str]) -> Output {
         Command::new(bin)
             .args(args)
             .args(["--access-point", &self.aps])
@@ -165,14 +165,14 @@ impl System {
     }
 
     /// The rank leading pool `label` (`pool query`).
-    pub fn pool_leader(&self, label: &str) -> u64 {
+    pub(crate) fn pool_leader(&self, label: &str) -> u64 {
         self.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["leader"]
             .as_u64()
             .unwrap()
     }
 
     /// Hands the leadership of pool `label` to `to` (`pool transfer-leader`); its JSON answer.
-    pub fn transfer_leader(&self, label: &str, to: u64) -> serde_json::Value {
+    pub(crate) fn transfer_leader(&self, label: &str, to: u64) -> serde_json::Value {
         self.json(
             POOL_SVC,
             &[
@@ -188,7 +188,7 @@ impl System {
     }
 
     /// Runs a command that must succeed, print nothing on stderr, and print JSON.
-    pub fn json(&self, bin: &str, args: &[&str]) -> serde_json::Value {
+    pub(crate) fn json(&self, bin: &str, args: &[&str]) -> serde_json::Value {
         let out = self.run(bin, args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{bin} {args:?} failed: {stderr}");
@@ -205,7 +205,7 @@ impl System {
     }
 
     /// Runs a command that must fail with `code`; returns its stderr.
-    pub fn fails(&self, bin: &str, args: &[&str], code: i32) -> String {
+    pub(crate) fn fails(&self, bin: &str, args: &[&str], code: i32) -> String {
         let out = self.run(bin, args);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(code), "{bin} {args:?}: {stderr}");
@@ -213,7 +213,7 @@ impl System {
     }
 
     /// Waits until `n` engines are up in the system map.
-    pub fn wait_ranks(&self, n: usize) {
+    pub(crate) fn wait_ranks(&self, n: usize) {
         let out = self.run(
             POOL_SVC,
             &["system", "wait", "--ranks", &n.to_string(), "--timeout", "30"],
@@ -226,7 +226,7 @@ impl System {
     }
 
     /// Polls `f` until it returns `Some`, or panics with `what` after the deadline.
-    pub fn wait_for<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    pub(crate) fn wait_for<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         let start = Instant::now();
         loop {
             if let Some(v) = f() {

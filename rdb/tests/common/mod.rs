@@ -12,12 +12,12 @@ use rdb::{
 };
 use tempfile::TempDir;
 
-pub const DEADLINE: Duration = Duration::from_secs(20);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(20);
 /// How often conditions are re-checked.
-pub const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
 /// Polls `cond` until it yields `Some`, or panics with `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut cond: F) -> T
+pub(crate) async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut cond: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -34,7 +34,7 @@ where
     }
 }
 
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -45,7 +45,7 @@ pub fn init_tracing() {
 }
 
 /// One replica slot of a cluster.
-pub struct Node {
+pub(crate) struct Node {
     pub replica: ReplicaId,
     pub dir: PathBuf,
     pub addr: String,
@@ -54,7 +54,7 @@ pub struct Node {
     pub faults: DiskFaults,
 }
 
-pub struct Cluster {
+pub(crate) struct Cluster {
     pub tmp: TempDir,
     pub net: LocalNet,
     pub id: DbId,
@@ -65,7 +65,7 @@ pub struct Cluster {
 impl Cluster {
     /// Creates `n` replicas (ranks 1..=n), starts them, bootstraps the group from the first,
     /// and waits until one of them serves as leader.
-    pub async fn new(n: u32, config: DbConfig) -> Cluster {
+    pub(crate) async fn new(n: u32, config: DbConfig) -> Cluster {
         init_tracing();
         let mut c = Cluster {
             tmp: TempDir::new().expect("tempdir"),
@@ -84,7 +84,7 @@ impl Cluster {
     }
 
     /// Creates and starts a new, empty replica (not yet a member).
-    pub async fn add_node(&mut self, replica: ReplicaId) -> usize {
+    pub(crate) async fn add_node(&mut self, replica: ReplicaId) -> usize {
         let dir = self
             .tmp
             .path()
@@ -105,7 +105,7 @@ impl Cluster {
         i
     }
 
-    pub fn options(&self, i: usize) -> StartOptions {
+    pub(crate) fn options(&self, i: usize) -> StartOptions {
         let n = &self.nodes[i];
         StartOptions {
             config: self.config.clone(),
@@ -116,7 +116,7 @@ impl Cluster {
         }
     }
 
-    pub async fn start(&mut self, i: usize) -> Result<(), Error> {
+    pub(crate) async fn start(&mut self, i: usize) -> Result<(), Error> {
         let db = Db::start(&self.nodes[i].dir, self.options(i)).await?;
         self.net.register(&self.nodes[i].addr, Arc::new(db.clone()));
         self.nodes[i].db = Some(db);
@@ -124,7 +124,7 @@ impl Cluster {
     }
 
     /// Stops replica `i` and makes it unreachable.
-    pub async fn stop(&mut self, i: usize) {
+    pub(crate) async fn stop(&mut self, i: usize) {
         self.net.unregister(&self.nodes[i].addr);
         if let Some(db) = self.nodes[i].db.take() {
             db.stop().await.expect("stop");
@@ -135,7 +135,7 @@ impl Cluster {
     /// final sync of the state machine may fail then (redb wants a reopen after a failed
     /// commit), which loses nothing, since the log holds every applied entry. Any other error
     /// still fails the test.
-    pub async fn stop_after_storage_error(&mut self, i: usize) {
+    pub(crate) async fn stop_after_storage_error(&mut self, i: usize) {
         self.net.unregister(&self.nodes[i].addr);
         if let Some(db) = self.nodes[i].db.take() {
             match db.stop().await {
@@ -145,11 +145,11 @@ impl Cluster {
         }
     }
 
-    pub fn db(&self, i: usize) -> &Db {
+    pub(crate) fn db(&self, i: usize) -> &Db {
         self.nodes[i].db.as_ref().expect("replica running")
     }
 
-    pub fn running(&self) -> impl Iterator<Item = (usize, &Db)> {
+    pub(crate) fn running(&self) -> impl Iterator<Item = (usize, &Db)> {
         self.nodes
             .iter()
             .enumerate()
@@ -157,13 +157,13 @@ impl Cluster {
     }
 
     /// Waits until exactly one running replica serves as leader; returns its index and term.
-    pub async fn leader(&self) -> (usize, u64) {
+    pub(crate) async fn leader(&self) -> (usize, u64) {
         self.leader_among(&(0..self.nodes.len()).collect::<Vec<_>>())
             .await
     }
 
     /// Like [`Cluster::leader`], considering only the given replicas.
-    pub async fn leader_among(&self, idx: &[usize]) -> (usize, u64) {
+    pub(crate) async fn leader_among(&self, idx: &[usize]) -> (usize, u64) {
         wait_for(DEADLINE, "a leader", || async {
             let ups: Vec<(usize, u64)> = self
                 .running()
@@ -177,7 +177,7 @@ impl Cluster {
 
     /// Writes `key = value` in the root KVS through whichever replica leads, retrying
     /// NotLeader until the deadline.
-    pub async fn put(&self, key: &str, value: &str) {
+    pub(crate) async fn put(&self, key: &str, value: &str) {
         wait_for(DEADLINE, &format!("put {key}"), || async {
             for (_, db) in self.running() {
                 if let Ok(mut tx) = db.begin(None) {
@@ -195,7 +195,7 @@ impl Cluster {
     }
 
     /// Reads `key` from the root KVS through whichever replica leads.
-    pub async fn get(&self, key: &str) -> Option<String> {
+    pub(crate) async fn get(&self, key: &str) -> Option<String> {
         wait_for(DEADLINE, &format!("get {key}"), || async {
             for (_, db) in self.running() {
                 if let Ok(mut tx) = db.begin(None) {
@@ -212,7 +212,7 @@ impl Cluster {
     }
 
     /// Waits until every running replica has applied at least `index`.
-    pub async fn wait_applied(&self, index: u64) {
+    pub(crate) async fn wait_applied(&self, index: u64) {
         wait_for(
             DEADLINE,
             &format!("all running replicas apply {index}"),
@@ -225,7 +225,7 @@ impl Cluster {
         .await
     }
 
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         for i in 0..self.nodes.len() {
             self.stop(i).await;
         }

@@ -22,7 +22,7 @@ use tokio::process::{Child, Command};
 
 /// Options of the demo.
 #[derive(clap::Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// A short run (about 10 s), as CI runs it.
     #[arg(long)]
     quick: bool,
@@ -101,7 +101,7 @@ async fn gauge(metrics: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-pub async fn run(args: DemoArgs) -> Result<(), String> {
+pub(crate) async fn run(args: DemoArgs) -> Result<(), String> {
     let tmp = tempfile::Builder::new()
         .prefix("pool-svc-demo-")
         .tempdir()

@@ -32,7 +32,7 @@ const ELECTION: &str = "rsvc-bench-leader";
 
 /// What `rsvc-bench campaign` takes.
 #[derive(clap::Args, Debug)]
-pub struct CampaignArgs {
+pub(crate) struct CampaignArgs {
     /// etcd client URLs (comma-separated).
     #[arg(long, value_delimiter = ',', required = true)]
     endpoints: Vec<String>,
@@ -45,7 +45,7 @@ pub struct CampaignArgs {
 }
 
 /// The participant process: campaign, then serve while the lease lives.
-pub async fn campaign(a: CampaignArgs) -> Result<(), String> {
+pub(crate) async fn campaign(a: CampaignArgs) -> Result<(), String> {
     let e = |e: etcd_client::Error| e.to_string();
     // NB: no request timeout, as campaigning blocks until this participant is elected.
     let mut client = Client::connect(&a.endpoints, None).await.map_err(e)?;
@@ -189,7 +189,7 @@ async fn candidates(etcd: &mut Client) -> Option<usize> {
 
 /// `trials` kills of the holder with a standby campaigning: the client gaps (ms), the times
 /// until the standby was elected (ms), and the acknowledged writes found missing afterwards.
-pub async fn run(dir: &Path, trials: usize) -> Result<(Vec<f64>, Vec<f64>, u64), String> {
+pub(crate) async fn run(dir: &Path, trials: usize) -> Result<(Vec<f64>, Vec<f64>, u64), String> {
     let etcd = EtcdCluster::start(&dir.join("etcd-lease"), 3, 100, 1000).await?;
     let endpoints = etcd.endpoints();
     let mut n = 0;

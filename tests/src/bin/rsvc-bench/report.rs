@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// Which way is better for a row.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-pub enum Better {
+pub(crate) enum Better {
     /// Throughput.
     Higher,
     /// Latency, gaps.
@@ -14,7 +14,7 @@ pub enum Better {
 
 /// One measured quantity.
 #[derive(Clone, Debug, Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     /// What was measured.
     pub what: String,
     /// Its unit.
@@ -31,7 +31,7 @@ pub struct Row {
 
 /// Latency percentiles of a histogram in microseconds, as milliseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Pcts {
+pub(crate) struct Pcts {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -39,7 +39,7 @@ pub struct Pcts {
 }
 
 impl Pcts {
-    pub fn of(h: &Histogram<u64>) -> Pcts {
+    pub(crate) fn of(h: &Histogram<u64>) -> Pcts {
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         Pcts {
             p50: ms(0.5),
@@ -52,7 +52,7 @@ impl Pcts {
 
 /// The whole run.
 #[derive(Debug, Default, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// When and where.
     pub machine: String,
     /// The rows, in order.
@@ -64,7 +64,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn row(&mut self, what: impl Into<String>, unit: &'static str, better: Better) -> &mut Row {
+    pub(crate) fn row(&mut self, what: impl Into<String>, unit: &'static str, better: Better) -> &mut Row {
         let what = what.into();
         if let Some(i) = self.rows.iter().position(|r| r.what == what) {
             return &mut self.rows[i];
@@ -81,7 +81,7 @@ impl Report {
     }
 
     /// The table in Markdown.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let f = |v: Option<f64>| v.map_or("—".to_string(), fmt);
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),

@@ -33,7 +33,7 @@ fn rss_mib(pid: i32) -> Option<f64> {
 }
 
 /// Creates instances up to each of `counts` in turn and measures after each.
-pub async fn run(
+pub(crate) async fn run(
     rep: &mut Report,
     dir: &std::path::Path,
     cmd: EngineCmd,

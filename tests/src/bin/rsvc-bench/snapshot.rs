@@ -42,7 +42,7 @@ where
 }
 
 /// Runs the workload on both systems and fills the report's rows.
-pub async fn run(
+pub(crate) async fn run(
     rep: &mut Report,
     dir: &std::path::Path,
     cmd: EngineCmd,
@@ -158,7 +158,7 @@ pub async fn run(
 }
 
 /// The floor for moving state: sequential 1 MiB writes with an fsync at the end, in MiB/s.
-pub fn write_floor(dir: &std::path::Path, mib: usize) -> Result<f64, String> {
+pub(crate) fn write_floor(dir: &std::path::Path, mib: usize) -> Result<f64, String> {
     use std::io::Write;
     let path = dir.join("floor-seq.dat");
     let mut f = std::fs::File::create(&path).map_err(|e| e.to_string())?;

@@ -583,7 +583,7 @@ async fn ready_pool(sys: &RsvcSystem) -> Result<(), String> {
 }
 
 /// The whole run.
-pub async fn run(o: Opts) -> Result<(), String> {
+pub(crate) async fn run(o: Opts) -> Result<(), String> {
     let tmp = tempfile::Builder::new()
         .prefix("rsvc-bench-")
         .tempdir_in(o.dir.clone().unwrap_or_else(|| PathBuf::from(".")))
