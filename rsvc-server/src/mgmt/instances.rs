@@ -128,11 +128,7 @@ impl MgmtInner {
             replicas: up.iter().map(|r| (r.rank, r.addr.clone())).collect(),
             gens: up.iter().map(|r| (r.rank, 1)).collect(),
         };
-        ctx.tx.update(
-            &instances(),
-            key.into_bytes(),
-            postcard::to_allocvec(&info).map_err(storage)?,
-        );
+        put_instance(&mut ctx.tx, key, &info)?;
         tracing::info!(class = %info.class, label = %info.label, replicas = ?info.replicas, "created instance");
         Ok(MgmtResponse::Instance(info))
     }
@@ -174,11 +170,7 @@ impl MgmtInner {
         info.replicas.sort();
         info.gens.retain(|(r, _)| *r != rank);
         info.gens.push((rank, gen));
-        ctx.tx.update(
-            &instances(),
-            key.into_bytes(),
-            postcard::to_allocvec(&info).map_err(storage)?,
-        );
+        put_instance(&mut ctx.tx, key, &info)?;
         tracing::info!(%class, %label, rank, gen, "added replica");
         Ok(MgmtResponse::Instance(info))
     }
@@ -202,7 +194,7 @@ impl MgmtInner {
                 "cannot remove the last replica; destroy the instance".into(),
             ));
         }
-        let gen = info.gens.iter().find(|(r, _)| *r == rank).map_or(1, |(_, g)| *g);
+        let gen = gen_of(&info, rank);
         let (_, addr) = info.replicas[pos].clone();
         // NB: every replica is asked, the one to be removed included: it may be the leader,
         // and only the leader changes membership (it hands over first, then the new leader
@@ -214,11 +206,7 @@ impl MgmtInner {
             tracing::warn!(rank, cause = %e, "removed replica could not be destroyed (engine down?)");
         }
         info.replicas.remove(pos);
-        ctx.tx.update(
-            &instances(),
-            key.into_bytes(),
-            postcard::to_allocvec(&info).map_err(storage)?,
-        );
+        put_instance(&mut ctx.tx, key, &info)?;
         tracing::info!(%class, %label, rank, gen, "removed replica");
         Ok(MgmtResponse::Instance(info))
     }
@@ -235,7 +223,7 @@ impl MgmtInner {
     ) -> Result<MgmtResponse, MgmtError> {
         let (key, mut info) = Self::existing(&mut ctx.tx, &class, &label).await?;
         let name = named(&class, &label);
-        let gen_of = |rank: u32| info.gens.iter().find(|(r, _)| *r == rank).map_or(1, |(_, g)| *g);
+        let gen_of = |rank: u32| gen_of(&info, rank);
         let conns = self.peers.clients();
         let wait = self.probe_every.max(Duration::from_secs(1));
         let asks = info.replicas.iter().map(|(r, addr)| {
@@ -308,11 +296,7 @@ impl MgmtInner {
             }
         }
         info.replicas.retain(|(r, _)| *r == survivor);
-        ctx.tx.update(
-            &instances(),
-            key.into_bytes(),
-            postcard::to_allocvec(&info).map_err(storage)?,
-        );
+        put_instance(&mut ctx.tx, key, &info)?;
         tracing::warn!(%class, %label, rank = survivor, term = reply.term, "dictated: one replica left, leading alone");
         Ok(MgmtResponse::Dictated {
             instance: info,

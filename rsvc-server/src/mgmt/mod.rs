@@ -38,7 +38,7 @@ use crate::transport::GrpcTransport;
 use crate::wire::{self, pb};
 
 use monitor::Listed;
-use store::{instances, ranks, storage};
+use store::{gen_of, instances, put_instance, ranks, storage};
 
 /// An instance in the user's words: `pool "tank"`.
 fn named(class: &str, label: &str) -> String {

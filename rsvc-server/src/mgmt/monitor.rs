@@ -159,7 +159,7 @@ impl MgmtInner {
             .filter(|i| i.replicas.len() > 1)
             .flat_map(|i| {
                 i.replicas.iter().map(|(rank, _)| {
-                    let gen = i.gens.iter().find(|(r, _)| r == rank).map_or(1, |(_, g)| *g);
+                    let gen = gen_of(i, *rank);
                     (i.class.clone(), i.label.clone(), *rank, gen)
                 })
             })

@@ -17,6 +17,21 @@ pub(super) fn storage(e: impl std::fmt::Display) -> MgmtError {
     MgmtError::Storage(e.to_string())
 }
 
+/// Queues `info` as the directory entry `key` (`class/label`).
+pub(super) fn put_instance(tx: &mut Tx, key: String, info: &InstanceInfo) -> Result<(), MgmtError> {
+    tx.update(
+        &instances(),
+        key.into_bytes(),
+        postcard::to_allocvec(info).map_err(storage)?,
+    );
+    Ok(())
+}
+
+/// The generation of the newest replica the directory recorded on `rank` (1 if none).
+pub(super) fn gen_of(info: &InstanceInfo, rank: u32) -> u32 {
+    info.gens.iter().find(|(r, _)| *r == rank).map_or(1, |(_, g)| *g)
+}
+
 impl MgmtInner {
     pub(super) async fn up_ranks(tx: &mut Tx) -> Result<Vec<RankInfo>, MgmtError> {
         let all = tx.iterate(&ranks(), .., usize::MAX).await.map_err(storage)?;
