@@ -6,111 +6,56 @@ use std::time::{Duration, Instant};
 use cont_svc::ContError;
 use pool_svc::client::is_cont_error;
 use pool_svc::{ContClient, PoolClient, PoolError, PoolRequest, PoolResponse};
-use rsvc_client::mgmt::{mgmt_client, MgmtLocator, MgmtRequest, MgmtResponse};
+use rsvc_client::mgmt::{MgmtLocator, MgmtRequest};
 use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient};
-use rsvc_server::{Engine, EngineConfig};
-use tempfile::TempDir;
+use rsvc_tests::kit::{self, EngineSystem, DEADLINE, POLL};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
-
-struct Sys {
-    _tmp: TempDir,
-    engines: Vec<Option<Engine>>,
-    aps: Vec<(u32, String)>,
-}
+struct Sys(EngineSystem);
 
 async fn system() -> Sys {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("pool_svc=info,rsvc_server=warn,rdb=warn,openraft=error")
-        .with_test_writer()
-        .try_init();
-    let tmp = TempDir::new().unwrap();
-    let mut engines = Vec::new();
-    let mut aps: Vec<(u32, String)> = Vec::new();
-    for rank in 1..=3u32 {
-        let mut mine = aps.clone();
-        mine.push((rank, String::new()));
-        let cfg = EngineConfig {
-            access_points: mine,
-            ..EngineConfig::for_tests(rank, tmp.path().join(format!("e{rank}")))
-        };
-        let e = Engine::start(cfg, pool_svc::factories()).await.unwrap();
-        aps.push((rank, e.addr().to_string()));
-        engines.push(Some(e));
-    }
-    let m = mgmt_client(
-        aps.clone(),
-        Connections::default(),
-        ClientConfig {
-            deadline: DEADLINE,
-            ..Default::default()
-        },
-    );
-    let start = Instant::now();
-    loop {
-        if let Ok(MgmtResponse::Map(map)) = m.call(&MgmtRequest::SystemMap).await {
-            if map.len() == 3 {
-                break;
-            }
-        }
-        assert!(start.elapsed() < DEADLINE);
-        tokio::time::sleep(POLL).await;
-    }
-    Sys {
-        _tmp: tmp,
-        engines,
-        aps,
-    }
+    kit::init_tracing("pool_svc=info,rsvc_server=warn,rdb=warn,openraft=error");
+    Sys(EngineSystem::builder(3)
+        .access_points(3)
+        .factories(|_| pool_svc::factories())
+        .start()
+        .await)
 }
 
 impl Sys {
     async fn create_pool(&self, label: &str) {
-        let m = mgmt_client(
-            self.aps.clone(),
-            Connections::default(),
-            ClientConfig {
-                deadline: DEADLINE,
-                ..Default::default()
-            },
-        );
-        m.call(&MgmtRequest::CreateInstance {
-            class: "pool".into(),
-            label: label.into(),
-            replicas: 3,
-        })
-        .await
-        .unwrap();
+        self.0
+            .mgmt()
+            .call(&MgmtRequest::CreateInstance {
+                class: "pool".into(),
+                label: label.into(),
+                replicas: 3,
+            })
+            .await
+            .unwrap();
+    }
+
+    fn locator(&self) -> Arc<MgmtLocator> {
+        Arc::new(MgmtLocator::new(self.0.access_points(), Connections::default()))
     }
 
     async fn connect(&self, label: &str, ttl: Duration) -> PoolClient {
-        let cfg = ClientConfig {
-            deadline: DEADLINE,
-            ..Default::default()
-        };
-        let loc = Arc::new(MgmtLocator::new(self.aps.clone(), Connections::default()));
-        PoolClient::connect(label, loc, Connections::default(), cfg, "test", ttl)
+        let cfg = EngineSystem::client_config();
+        PoolClient::connect(label, self.locator(), Connections::default(), cfg, "test", ttl)
             .await
             .unwrap()
     }
 
     fn raw(&self, label: &str) -> RsvcClient<pool_svc::PoolApi> {
-        let loc = Arc::new(MgmtLocator::new(self.aps.clone(), Connections::default()));
         RsvcClient::new(
             label,
-            loc,
+            self.locator(),
             Connections::default(),
-            ClientConfig {
-                deadline: DEADLINE,
-                ..Default::default()
-            },
+            EngineSystem::client_config(),
         )
     }
 
     async fn shutdown(self) {
-        for e in self.engines.into_iter().flatten() {
-            e.shutdown().await;
-        }
+        self.0.shutdown().await;
     }
 }
 
@@ -182,11 +127,7 @@ async fn a_failover_evicts_nobody() {
     pool.attr_set("before", b"1").await.unwrap();
     let info = pool.query().await.unwrap();
     let old_leader = info.leader;
-    sys.engines[(old_leader - 1) as usize]
-        .take()
-        .unwrap()
-        .shutdown()
-        .await;
+    sys.0.stop(old_leader).await;
     pool.attr_set("after", b"2").await.unwrap();
     let info2 = pool.query().await.unwrap();
     assert_ne!(info2.leader, old_leader);
@@ -378,7 +319,7 @@ async fn attribute_transactions_are_atomic_and_serializable() {
 async fn a_pool_without_a_handle_opens_none() {
     let sys = system().await;
     sys.create_pool("bare").await;
-    let loc = Arc::new(MgmtLocator::new(sys.aps.clone(), Connections::default()));
+    let loc = Arc::new(MgmtLocator::new(sys.0.access_points(), Connections::default()));
     let cfg = ClientConfig {
         deadline: DEADLINE,
         ..Default::default()

@@ -7,29 +7,32 @@ use std::time::{Duration, Instant};
 use rdb::{DbId, Member};
 use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient, StaticLocator, WireError};
 use rsvc_server::counter::{Counter, CounterApi, CounterError, CounterRequest, CounterResponse};
-use rsvc_server::{Engine, EngineConfig, FnFactory, ServiceFactory};
-use tempfile::TempDir;
+use rsvc_server::{FnFactory, ServiceFactory};
 
-const DEADLINE: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(20);
+use rsvc_tests::kit::{self, EngineSystem, DEADLINE, POLL};
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "rsvc_server=info,rsvc_client=info,rdb=info,openraft=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-struct System {
-    tmp: TempDir,
-    engines: Vec<Option<Engine>>,
+    kit::init_tracing("rsvc_server=info,rsvc_client=info,rdb=info,openraft=warn");
 }
 
 fn factories() -> Vec<Arc<dyn ServiceFactory>> {
     vec![Arc::new(FnFactory::new(|_: &str| Counter))]
+}
+
+/// The kit's in-process system, with the instance creation these tests do by hand.
+struct System(EngineSystem);
+
+impl std::ops::Deref for System {
+    type Target = EngineSystem;
+    fn deref(&self) -> &EngineSystem {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for System {
+    fn deref_mut(&mut self) -> &mut EngineSystem {
+        &mut self.0
+    }
 }
 
 impl System {
@@ -38,32 +41,12 @@ impl System {
     }
 
     /// `n` engines, engine `r` hosting the services of `factories(r)`.
-    async fn with(n: u32, factories: impl Fn(u32) -> Vec<Arc<dyn ServiceFactory>>) -> System {
+    async fn with(
+        n: u32,
+        factories: impl Fn(u32) -> Vec<Arc<dyn ServiceFactory>> + Send + Sync + 'static,
+    ) -> System {
         init_tracing();
-        let tmp = TempDir::new().unwrap();
-        let mut engines = Vec::new();
-        for rank in 1..=n {
-            let cfg = Self::config(&tmp, rank, "127.0.0.1:0");
-            engines.push(Some(Engine::start(cfg, factories(rank)).await.unwrap()));
-        }
-        System { tmp, engines }
-    }
-
-    fn config(tmp: &TempDir, rank: u32, listen: &str) -> EngineConfig {
-        EngineConfig {
-            listen: listen.parse().unwrap(),
-            ..EngineConfig::for_tests(rank, tmp.path().join(format!("engine{rank}")))
-        }
-    }
-
-    async fn start_engine(tmp: &TempDir, rank: u32, listen: &str) -> Engine {
-        Engine::start(Self::config(tmp, rank, listen), factories())
-            .await
-            .unwrap()
-    }
-
-    fn engine(&self, rank: u32) -> &Engine {
-        self.engines[(rank - 1) as usize].as_ref().unwrap()
+        System(EngineSystem::builder(n).factories(factories).start().await)
     }
 
     /// Creates `instance` on the given ranks: empty replicas first, then the first bootstraps.
@@ -94,13 +77,8 @@ impl System {
             .collect()
     }
 
-    async fn shutdown(mut self) {
-        for e in self.engines.iter_mut() {
-            if let Some(e) = e.take() {
-                e.shutdown().await;
-            }
-        }
-        drop(self.tmp);
+    async fn shutdown(self) {
+        self.0.shutdown().await;
     }
 }
 
@@ -159,11 +137,7 @@ async fn instance_on_three_of_five_survives_leader_loss() {
 
     // Stop the leader's engine; the client finds the new leader by itself.
     let t = Instant::now();
-    sys.engines[(leader - 1) as usize]
-        .take()
-        .unwrap()
-        .shutdown()
-        .await;
+    sys.stop(leader).await;
     let r = c
         .call(&CounterRequest::Add {
             name: "x".into(),
@@ -225,11 +199,7 @@ async fn exactly_once_across_failover() {
     let leader_addr = replicas.iter().find(|(r, _)| *r == leader).unwrap().1.clone();
     let first = send(leader_addr, req.clone()).await;
     assert!(matches!(first.result, Some(pb::call_reply::Result::Ok(_))));
-    sys.engines[(leader - 1) as usize]
-        .take()
-        .unwrap()
-        .shutdown()
-        .await;
+    sys.stop(leader).await;
 
     let start = Instant::now();
     let second = loop {
@@ -458,12 +428,11 @@ async fn engine_restart_recovers_its_replicas() {
     .await
     .unwrap();
     for rank in 1..=3u32 {
-        sys.engines[(rank - 1) as usize].take().unwrap().shutdown().await;
+        sys.stop(rank).await;
     }
     // Same data directories and addresses: the group comes back and still holds the data.
     for (rank, addr) in &replicas {
-        let e = System::start_engine(&sys.tmp, *rank, addr).await;
-        sys.engines[(rank - 1) as usize] = Some(e);
+        sys.restart(*rank, addr).await;
     }
     for rank in 1..=3u32 {
         assert!(
@@ -593,34 +562,18 @@ impl rsvc_server::ReplicatedService for Grumpy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_step_up_gives_leadership_away() {
-    init_tracing();
-    let tmp = TempDir::new().unwrap();
-    let mut engines = Vec::new();
-    for rank in 1..=3u32 {
+    let sys = System::with(3, |rank| {
         let f: Arc<dyn ServiceFactory> = if rank == 1 {
             Arc::new(FnFactory::new(|_: &str| Grumpy(Counter)))
         } else {
             Arc::new(FnFactory::new(|_: &str| Counter))
         };
-        let cfg = EngineConfig::for_tests(rank, tmp.path().join(format!("engine{rank}")));
-        engines.push(Engine::start(cfg, vec![f]).await.unwrap());
-    }
-    // Rank 1 bootstraps the group, so it is likely the first leader, and its step-up fails.
-    let db = DbId::random();
-    let mut members = Vec::new();
-    for e in &engines[1..] {
-        members.push(e.start_replica("counter", "g", db, 1, vec![]).await.unwrap());
-    }
-    let first = engines[0]
-        .start_replica("counter", "g", db, 1, vec![])
-        .await
-        .unwrap();
-    members.insert(0, first);
-    engines[0]
-        .start_replica("counter", "g", db, 1, members)
-        .await
-        .unwrap();
-    let replicas: Vec<(u32, String)> = engines.iter().map(|e| (e.rank(), e.addr().to_string())).collect();
+        vec![f]
+    })
+    .await;
+    // Rank 1 bootstraps the group (the first rank given), so it is likely the first leader,
+    // and its step-up fails.
+    let replicas = sys.create("g", &[1, 2, 3]).await;
     let c = client(replicas, "g");
     assert_eq!(
         c.call(&CounterRequest::Add {
@@ -634,12 +587,10 @@ async fn a_failed_step_up_gives_leadership_away() {
     let (leader, _) = c.cached_leader().unwrap();
     assert_ne!(leader, 1, "the replica that cannot step up never serves");
     assert_eq!(
-        engines[0].host("counter", "g").unwrap().state().0,
+        sys.engine(1).host("counter", "g").unwrap().state().0,
         rsvc_server::State::Down
     );
-    for e in engines {
-        e.shutdown().await;
-    }
+    sys.shutdown().await;
 }
 
 /// `start_replica` is idempotent for the generation asked for, replaces an orphan of an older
@@ -647,10 +598,8 @@ async fn a_failed_step_up_gives_leadership_away() {
 /// back to an older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_replica_replaces_an_orphan_of_an_older_generation() {
-    init_tracing();
-    let tmp = TempDir::new().unwrap();
-    let cfg = EngineConfig::for_tests(1, tmp.path().join("engine1"));
-    let e = Engine::start(cfg, factories()).await.unwrap();
+    let sys = System::new(1).await;
+    let e = sys.engine(1);
     let db = DbId::random();
     let g1 = e.start_replica("counter", "o", db, 1, vec![]).await.unwrap();
     assert_eq!(g1.replica.gen, 1);
@@ -768,7 +717,7 @@ async fn leader_tasks_run_only_while_their_replica_leads() {
     let term = wait_started(first).await;
     // A graceful stop of the leader's engine hands leadership over: the old leader's task
     // stops before its drain, and the new leader starts one for its own term.
-    sys.engines[(first - 1) as usize].take().unwrap().shutdown().await;
+    sys.stop(first).await;
     c.call(&add).await.unwrap();
     let (next, _) = c.cached_leader().unwrap();
     assert_ne!(next, first);

@@ -9,44 +9,29 @@ use rsvc_client::mgmt::{
 };
 use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient};
 use rsvc_server::counter::{Counter, CounterApi, CounterRequest, CounterResponse};
-use rsvc_server::{Engine, EngineConfig, FnFactory, ServiceFactory};
-use tempfile::TempDir;
-
-const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
+use rsvc_server::{FnFactory, ServiceFactory};
+use rsvc_tests::kit::{self, EngineSystem, DEADLINE, POLL};
 
 fn factories() -> Vec<Arc<dyn ServiceFactory>> {
     vec![Arc::new(FnFactory::new(|_: &str| Counter))]
 }
 
-async fn engine_at(tmp: &TempDir, rank: u32, aps: Vec<(u32, String)>, listen: &str) -> Engine {
-    engine_with(tmp, rank, aps, listen, None).await
-}
-
-async fn engine_with(
-    tmp: &TempDir,
-    rank: u32,
-    aps: Vec<(u32, String)>,
-    listen: &str,
-    reconf_after: Option<Duration>,
-) -> Engine {
-    let cfg = EngineConfig {
-        listen: listen.parse().unwrap(),
-        access_points: aps,
-        reconf_after,
-        ..EngineConfig::for_tests(rank, tmp.path().join(format!("engine{rank}")))
-    };
-    Engine::start(cfg, factories()).await.unwrap()
+/// `n` engines hosting the counter, the first three of them access points, every one up in
+/// the system map.
+async fn system(n: u32, reconf_after: Option<Duration>) -> EngineSystem {
+    kit::init_tracing("rsvc_server=info,rdb=warn,openraft=error");
+    EngineSystem::builder(n)
+        .access_points(3)
+        .factories(|_| factories())
+        .config(move |c| c.reconf_after = reconf_after)
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_locate_fail_over_and_destroy() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("rsvc_server=info,rdb=warn,openraft=error")
-        .with_test_writer()
-        .try_init();
-    let tmp = TempDir::new().unwrap();
-    let (mut engines, aps) = system(&tmp, 5).await;
+    let mut sys = system(5, None).await;
+    let aps = sys.access_points();
     let cfg = ClientConfig {
         deadline: DEADLINE,
         ..ClientConfig::default()
@@ -54,9 +39,8 @@ async fn create_locate_fail_over_and_destroy() {
     let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
     // Every access point got a management replica.
     let start = Instant::now();
-    while engines[0]
-        .as_ref()
-        .unwrap()
+    while sys
+        .engine(1)
         .host(MGMT_CLASS, MGMT_INSTANCE)
         .map(|h| h.db.status().voters.len())
         != Some(3)
@@ -137,7 +121,7 @@ async fn create_locate_fail_over_and_destroy() {
 
     // Lose the instance's leader engine (unless it is the only mgmt... any engine may go).
     let (leader, _) = c.cached_leader().unwrap();
-    engines[(leader - 1) as usize].take().unwrap().shutdown().await;
+    sys.stop(leader).await;
     assert_eq!(
         c.call(&CounterRequest::Add {
             name: "n".into(),
@@ -167,63 +151,14 @@ async fn create_locate_fail_over_and_destroy() {
         matches!(gone, Err(ClientError::Service(MgmtError::NotFound(_)))),
         "{gone:?}"
     );
-    for e in engines.iter().flatten() {
+    for e in sys.engines() {
         assert!(
             e.host("counter", "alpha").is_none(),
             "rank {} still hosts a destroyed replica",
             e.rank()
         );
     }
-    for e in engines.into_iter().flatten() {
-        e.shutdown().await;
-    }
-}
-
-/// Starts `n` engines, the first three of them access points (each started knowing the ones
-/// before it), and waits until all have joined.
-async fn system(tmp: &TempDir, n: u32) -> (Vec<Option<Engine>>, Vec<(u32, String)>) {
-    system_with(tmp, n, None).await
-}
-
-async fn system_with(
-    tmp: &TempDir,
-    n: u32,
-    reconf_after: Option<Duration>,
-) -> (Vec<Option<Engine>>, Vec<(u32, String)>) {
-    let mut engines: Vec<Option<Engine>> = Vec::new();
-    let mut aps: Vec<(u32, String)> = Vec::new();
-    for rank in 1..=n {
-        if rank <= 3 {
-            let mut mine = aps.clone();
-            mine.push((rank, String::new()));
-            let e = engine_with(tmp, rank, mine, "127.0.0.1:0", reconf_after).await;
-            aps.push((rank, e.addr().to_string()));
-            engines.push(Some(e));
-        } else {
-            engines.push(Some(
-                engine_with(tmp, rank, aps.clone(), "127.0.0.1:0", reconf_after).await,
-            ));
-        }
-    }
-    let mgmt = mgmt_client(
-        aps.clone(),
-        Connections::default(),
-        ClientConfig {
-            deadline: DEADLINE,
-            ..Default::default()
-        },
-    );
-    let start = Instant::now();
-    loop {
-        if let Ok(MgmtResponse::Map(m)) = mgmt.call(&MgmtRequest::SystemMap).await {
-            if m.len() == n as usize {
-                break;
-            }
-        }
-        assert!(start.elapsed() < DEADLINE, "the system did not form");
-        tokio::time::sleep(POLL).await;
-    }
-    (engines, aps)
+    sys.shutdown().await;
 }
 
 /// Creates counter instance `label` with 3 replicas; returns a management client, the
@@ -261,8 +196,8 @@ fn instance(r: MgmtResponse) -> rsvc_client::mgmt::InstanceInfo {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_replaced() {
-    let tmp = TempDir::new().unwrap();
-    let (mut engines, aps) = system(&tmp, 5).await;
+    let mut sys = system(5, None).await;
+    let aps = sys.access_points();
     let (mgmt, info, c) = counter_instance(&aps, "beta").await;
     for _ in 0..5 {
         c.call(&CounterRequest::Add {
@@ -281,16 +216,12 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
         .unwrap();
 
     // Wipe that replica's disk while its engine is down, and bring the engine back.
-    let e = engines[(wiped - 1) as usize].take().unwrap();
+    let e = sys.take(wiped);
     let addr = e.addr().to_string();
     e.shutdown().await;
-    std::fs::remove_dir_all(tmp.path().join(format!("engine{wiped}/counter/beta"))).unwrap();
-    engines[(wiped - 1) as usize] = Some(engine_at(&tmp, wiped, aps.clone(), &addr).await);
-    assert!(engines[(wiped - 1) as usize]
-        .as_ref()
-        .unwrap()
-        .host("counter", "beta")
-        .is_none());
+    std::fs::remove_dir_all(sys.data_dir(wiped).join("counter/beta")).unwrap();
+    sys.restart(wiped, &addr).await;
+    assert!(sys.engine(wiped).host("counter", "beta").is_none());
 
     // It is no replica any more; an engine that hosts no replica answers NotReplica.
     use rsvc_client::wire::pb;
@@ -328,11 +259,7 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
         Some(&(wiped, 2)),
         "a new generation"
     );
-    let host = engines[(wiped - 1) as usize]
-        .as_ref()
-        .unwrap()
-        .host("counter", "beta")
-        .expect("hosted again");
+    let host = sys.engine(wiped).host("counter", "beta").expect("hosted again");
     assert_eq!(host.db.ident().replica.gen, 2);
     assert_eq!(
         c.call(&CounterRequest::Add {
@@ -345,9 +272,8 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
     );
     let start = Instant::now();
     while host.db.status().applied_index
-        < engines[(leader - 1) as usize]
-            .as_ref()
-            .unwrap()
+        < sys
+            .engine(leader)
             .host("counter", "beta")
             .unwrap()
             .db
@@ -365,7 +291,7 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
         .map(|(r, _)| *r)
         .find(|r| *r != leader && *r != wiped)
         .unwrap();
-    engines[(dead - 1) as usize].take().unwrap().shutdown().await;
+    sys.stop(dead).await;
     let spare = (1..=5u32)
         .find(|r| !info.replicas.iter().any(|(x, _)| x == r))
         .unwrap();
@@ -407,15 +333,13 @@ async fn wiped_replica_rejoins_under_a_new_generation_and_dead_engines_are_repla
         matches!(bad, Err(ClientError::Service(MgmtError::Invalid(_)))),
         "{bad:?}"
     );
-    for e in engines.into_iter().flatten() {
-        e.shutdown().await;
-    }
+    sys.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_move_off_a_dead_engine_by_themselves() {
-    let tmp = TempDir::new().unwrap();
-    let (mut engines, aps) = system_with(&tmp, 5, Some(Duration::from_secs(2))).await;
+    let mut sys = system(5, Some(Duration::from_secs(2))).await;
+    let aps = sys.access_points();
     let (mgmt, info, c) = counter_instance(&aps, "gamma").await;
     c.call(&CounterRequest::Add {
         name: "n".into(),
@@ -437,7 +361,7 @@ async fn replicas_move_off_a_dead_engine_by_themselves() {
         .copied()
         .find(|r| *r > 3)
         .unwrap_or(candidates[0]);
-    engines[(dead - 1) as usize].take().unwrap().shutdown().await;
+    sys.stop(dead).await;
 
     let start = Instant::now();
     let moved = loop {
@@ -486,7 +410,5 @@ async fn replicas_move_off_a_dead_engine_by_themselves() {
         .unwrap(),
         CounterResponse::Value(2)
     );
-    for e in engines.into_iter().flatten() {
-        e.shutdown().await;
-    }
+    sys.shutdown().await;
 }

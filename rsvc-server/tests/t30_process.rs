@@ -10,8 +10,7 @@ use rsvc_server::counter::{CounterApi, CounterRequest, CounterResponse};
 use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
 use tempfile::TempDir;
 
-const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
+use rsvc_tests::kit::{DEADLINE, POLL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_rides_over_kill_pause_restart_and_graceful_stop() {

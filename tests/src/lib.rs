@@ -6,7 +6,8 @@
 //! [`rsvc`] starts a system of `pool-svc serve` engines, each with its own data directory and
 //! timers, finds who leads what, and kills, pauses, stops and restarts engines by signal.
 //! [`etcd`] does the same for a real etcd cluster (Debian's `etcd-server`), so that a benchmark
-//! can compare the two side by side, in one run, on one machine.
+//! can compare the two side by side, in one run, on one machine. [`kit`] is what every crate's
+//! integration tests share: the deadlines, the wait, and a system of in-process engines.
 //!
 //! Everything waits on conditions with deadlines ([`wait_for`]); nothing sleeps for a fixed
 //! time to let something happen. Every port comes from the OS.
@@ -21,6 +22,7 @@
 pub mod elle;
 pub mod etcd;
 pub mod faultnet;
+pub mod kit;
 pub mod lincheck;
 pub mod nemesis;
 pub mod proc;

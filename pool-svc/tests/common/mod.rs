@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
 use tempfile::TempDir;
@@ -15,8 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 pub(crate) const POOL_SVC: &str = env!("CARGO_BIN_EXE_pool-svc");
 pub(crate) const CONT_SVC: &str = env!("CARGO_BIN_EXE_cont-svc");
-pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
-pub(crate) const POLL: Duration = Duration::from_millis(100);
+pub(crate) use rsvc_tests::kit::DEADLINE;
 
 /// One engine process.
 pub(crate) struct Engine {
@@ -226,14 +224,7 @@ impl System {
     }
 
     /// Polls `f` until it returns `Some`, or panics with `what` after the deadline.
-    pub(crate) fn wait_for<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-            std::thread::sleep(POLL);
-        }
+    pub(crate) fn wait_for<T>(&self, what: &str, f: impl FnMut() -> Option<T>) -> T {
+        rsvc_tests::kit::wait_until_blocking(what, f)
     }
 }
