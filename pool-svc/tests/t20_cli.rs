@@ -9,10 +9,7 @@ use common::{System, CONT_SVC, POOL_SVC};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_and_container_commands() {
     let sys = System::start(3).await;
-    let created = sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    let created = sys.create_pool("tank", 3);
     assert_eq!(created["replicas"].as_array().unwrap().len(), 3);
     let list = sys.json(POOL_SVC, &["pool", "list", "--json"]);
     assert_eq!(list[0]["label"], "tank");
@@ -102,10 +99,7 @@ async fn pool_and_container_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_come_out_as_json_with_their_exit_codes() {
     let sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     sys.json(CONT_SVC, &["--pool", "tank", "create", "c1", "--json"]);
     let error = |out: std::process::Output, exit: i32, code: &str| {
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -31,10 +31,7 @@ fn replicas_of(sys: &System, label: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_the_leaders_replica_completes() {
     let sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "rmtest", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("rmtest", 3);
     let leader = sys.pool_leader("rmtest");
     let r = leader.to_string();
     let out = sys.json(
@@ -63,10 +60,7 @@ async fn removing_the_leaders_replica_completes() {
     let reps = replicas_of(&sys, "rmtest");
     assert_eq!(reps.len(), 2);
     assert!(reps.contains(&sys.pool_leader("rmtest")));
-    sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "rmtest", "a", "b", "--json"],
-    );
+    sys.set_attr("rmtest", "a", "b");
 }
 
 /// A second engine of a live rank: same data directory, or a new one at a new address. Both
@@ -187,10 +181,7 @@ fn timeout_bounds_the_whole_command_and_names_the_cause() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_container_commands_close_what_they_opened() {
     let sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     sys.json(CONT_SVC, &["--pool", "tank", "create", "scratch", "--json"]);
     for _ in 0..3 {
         sys.fails(CONT_SVC, &["--pool", "tank", "query", "nosuch"], 5);
@@ -216,14 +207,8 @@ async fn failed_container_commands_close_what_they_opened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_prints_its_result() {
     let sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
-    let set = sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "tank", "color", "red", "--json"],
-    );
+    sys.create_pool("tank", 3);
+    let set = sys.set_attr("tank", "color", "red");
     assert_eq!(set["set"], "color");
     sys.json(CONT_SVC, &["--pool", "tank", "create", "scratch", "--json"]);
     sys.json(
@@ -261,10 +246,7 @@ async fn every_command_prints_its_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_to_the_leader_succeeds_and_bad_labels_are_usage_errors() {
     let sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     let leader = sys.pool_leader("tank");
     let out = sys.transfer_leader("tank", leader);
     assert_eq!(out["leader"], leader);
@@ -295,10 +277,7 @@ async fn transfer_to_the_leader_succeeds_and_bad_labels_are_usage_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_right_after_a_transfer_costs_one_election() {
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     let first = sys.pool_leader("tank");
     let to = (1..=3u64).find(|r| *r != first).unwrap();
     sys.transfer_leader("tank", to);
@@ -322,10 +301,7 @@ async fn sigterm_right_after_a_transfer_costs_one_election() {
 async fn a_paused_engine_rejoins_without_changing_any_term() {
     use rsvc_client::mgmt::{MGMT_CLASS, MGMT_INSTANCE};
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     let pool_leader = sys.pool_leader("tank") as u32;
     let mgmt_leader = sys
         .rsvc
@@ -368,10 +344,7 @@ async fn a_paused_engine_rejoins_without_changing_any_term() {
     .unwrap();
     assert_eq!(seen, before, "the resumed engine came back with other terms");
     // A write after the resume still goes through the same leader in the same term.
-    sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "tank", "k", "v", "--json"],
-    );
+    sys.set_attr("tank", "k", "v");
     let after = (
         sys.rsvc.terms(mgmt_leader).await.unwrap()[&mgmt],
         sys.rsvc.terms(pool_leader).await.unwrap()[&pool],
@@ -414,10 +387,7 @@ async fn a_pool_client_needs_no_management_leader_once_it_knows_its_replicas() {
     }
 
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     let mgmt_leader = sys
         .rsvc
         .leader(MGMT_CLASS, MGMT_INSTANCE, DEADLINE)
@@ -462,10 +432,7 @@ async fn a_pool_client_needs_no_management_leader_once_it_knows_its_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_peer_is_logged_once_and_not_per_heartbeat() {
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     let logs: Vec<_> = (1..=2).map(|r| sys.rsvc.log(r)).collect();
     let warnings = |rank: u32| {
         std::fs::read_to_string(&logs[rank as usize - 1])
@@ -515,14 +482,8 @@ async fn a_dead_peer_is_logged_once_and_not_per_heartbeat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_status_shows_roles_lag_and_a_dead_engine() {
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
-    sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "tank", "k", "v", "--json"],
-    );
+    sys.create_pool("tank", 3);
+    sys.set_attr("tank", "k", "v");
     fn status(sys: &System, extra: &[&str]) -> Vec<serde_json::Value> {
         let mut args = vec!["replicas", "status", "--label", "tank", "--json"];
         args.extend_from_slice(extra);
@@ -573,14 +534,8 @@ async fn replica_status_shows_roles_lag_and_a_dead_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dictate_recovers_a_pool_that_lost_its_quorum_for_good() {
     let mut sys = System::start(5).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
-    sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "tank", "k", "before", "--json"],
-    );
+    sys.create_pool("tank", 3);
+    sys.set_attr("tank", "k", "before");
     let dictate = ["replicas", "dictate", "--label", "tank"];
     let err = sys.fails(POOL_SVC, &dictate, 2);
     assert!(err.contains("--confirm-data-loss"), "{err}");
@@ -634,10 +589,7 @@ async fn dictate_recovers_a_pool_that_lost_its_quorum_for_good() {
             ],
         );
     }
-    sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "tank", "k", "after", "--json"],
-    );
+    sys.set_attr("tank", "k", "after");
     let mut want: Vec<u64> = spares.iter().map(|r| u64::from(*r)).collect();
     want.push(u64::from(survivor));
     want.sort_unstable();

@@ -64,10 +64,7 @@ async fn system_on(fs: &Tmpfs) -> System {
 }
 
 fn create(sys: &System, label: &str) {
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", label, "--replicas", "3", "--json"],
-    );
+    sys.create_pool(label, 3);
 }
 
 /// Runs `pool set-attr`; its exit code and how long it took.

@@ -23,14 +23,8 @@ async fn wipe_and_restart(sys: &mut System, rank: u32) -> BTreeMap<(String, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_engine_gets_its_replicas_back_under_new_generations() {
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
-    sys.json(
-        POOL_SVC,
-        &["pool", "set-attr", "--label", "tank", "k", "before", "--json"],
-    );
+    sys.create_pool("tank", 3);
+    sys.set_attr("tank", "k", "before");
     let before = wipe_and_restart(&mut sys, 3).await;
     let mgmt = (MGMT_CLASS.to_string(), MGMT_INSTANCE.to_string());
     let pool = ("pool".to_string(), "tank".to_string());
@@ -59,10 +53,7 @@ async fn a_wiped_engine_gets_its_replicas_back_under_new_generations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_first_access_point_joins_the_system_instead_of_founding_another() {
     let mut sys = System::start(3).await;
-    sys.json(
-        POOL_SVC,
-        &["pool", "create", "--label", "tank", "--replicas", "3", "--json"],
-    );
+    sys.create_pool("tank", 3);
     let before = wipe_and_restart(&mut sys, 1).await;
     sys.rsvc.wait_rebuilt(1, &before, DEADLINE).await.unwrap();
 
@@ -98,10 +89,7 @@ async fn a_wiped_first_access_point_joins_the_system_instead_of_founding_another
 async fn a_created_pool_is_on_a_quorum_when_create_returns() {
     let sys = System::start(3).await;
     for label in ["p1", "p2", "p3", "p4"] {
-        sys.json(
-            POOL_SVC,
-            &["pool", "create", "--label", label, "--replicas", "3", "--json"],
-        );
+        sys.create_pool(label, 3);
         let key = ("pool".to_string(), label.to_string());
         let mut members = 0;
         for rank in 1..=3 {

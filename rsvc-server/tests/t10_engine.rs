@@ -261,11 +261,11 @@ async fn exactly_once_across_failover() {
     sys.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn not_replica_and_unknown_class_and_garbage() {
+/// Instance `c3` on ranks 1 and 2 of 3 engines, and a client that believes rank 3 hosts it
+/// too and has added 1 to counter `a` five times.
+async fn c3_with_a_wrong_replica() -> (System, Vec<(u32, String)>, RsvcClient<CounterApi>) {
     let sys = System::new(3).await;
     let replicas = sys.create("c3", &[1, 2]).await;
-    // A client told that rank 3 hosts the instance learns otherwise and still gets through.
     let mut wrong = replicas.clone();
     wrong.push((3, sys.engine(3).addr().to_string()));
     let c = client(wrong, "c3");
@@ -277,7 +277,21 @@ async fn not_replica_and_unknown_class_and_garbage() {
         .await
         .unwrap();
     }
+    (sys, replicas, c)
+}
 
+/// A client told that rank 3 hosts the instance learns otherwise and still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_told_of_a_wrong_replica_gets_through() {
+    let (sys, _, c) = c3_with_a_wrong_replica().await;
+    let v = c.call(&CounterRequest::Get { name: "a".into() }).await.unwrap();
+    assert_eq!(v, CounterResponse::Value(5));
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_nobody_hosts_ends_in_a_deadline_error_that_says_what_was_tried() {
+    let (sys, replicas, _) = c3_with_a_wrong_replica().await;
     // An instance nobody hosts: NotReplica everywhere, then a clear deadline error.
     let cfg = ClientConfig {
         deadline: Duration::from_millis(500),
@@ -296,7 +310,12 @@ async fn not_replica_and_unknown_class_and_garbage() {
         }
         other => panic!("expected a deadline error, got {other:?}"),
     }
+    sys.shutdown().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_class_and_an_undecodable_request_are_invalid_requests() {
+    let (sys, _, c) = c3_with_a_wrong_replica().await;
     // Unknown class and undecodable payloads get errors, not crashes.
     use rsvc_client::wire::pb;
     let mut raw = Connections::default().get(sys.engine(1).addr()).unwrap();
@@ -335,8 +354,13 @@ async fn not_replica_and_unknown_class_and_garbage() {
         }
         other => panic!("{other:?}"),
     }
+    sys.shutdown().await;
+}
 
-    // Raft traffic from another system, or for a database nobody hosts, is refused unread.
+/// Raft traffic from another system, or for a database nobody hosts, is refused unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_raft_messages_are_refused_unread() {
+    let (sys, _, _) = c3_with_a_wrong_replica().await;
     use rsvc_server::wire::pb as peer;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", sys.engine(1).addr()))
         .unwrap()
@@ -361,8 +385,13 @@ async fn not_replica_and_unknown_class_and_garbage() {
             other => panic!("a foreign raft message was not refused: {other:?}"),
         }
     }
+    sys.shutdown().await;
+}
 
-    // Raw garbage bytes on the port: the engine shrugs and keeps serving.
+/// Raw garbage bytes on the port: the engine shrugs and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_port_leaves_the_engine_serving() {
+    let (sys, _, c) = c3_with_a_wrong_replica().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for junk in [
         &b"GET / HTTP/1.1\r\n\r\n"[..],

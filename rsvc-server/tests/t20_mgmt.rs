@@ -28,61 +28,47 @@ async fn system(n: u32, reconf_after: Option<Duration>) -> EngineSystem {
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_locate_fail_over_and_destroy() {
-    let mut sys = system(5, None).await;
-    let aps = sys.access_points();
-    let cfg = ClientConfig {
-        deadline: DEADLINE,
-        ..ClientConfig::default()
-    };
-    let mgmt = mgmt_client(aps.clone(), Connections::default(), cfg.clone());
-    // Every access point got a management replica.
-    let start = Instant::now();
-    while sys
-        .engine(1)
-        .host(MGMT_CLASS, MGMT_INSTANCE)
-        .map(|h| h.db.status().voters.len())
-        != Some(3)
-    {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the access points did not all join the management service"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+/// What creating `class/label` with `replicas` replicas answers.
+async fn create(
+    mgmt: &RsvcClient<rsvc_client::mgmt::MgmtApi>,
+    class: &str,
+    label: &str,
+    replicas: u32,
+) -> Result<MgmtResponse, ClientError<MgmtError>> {
+    mgmt.call(&MgmtRequest::CreateInstance {
+        class: class.into(),
+        label: label.into(),
+        replicas,
+    })
+    .await
+}
 
-    // Create an instance on 3 of 5 engines and use it through the directory.
-    let created = mgmt
-        .call(&MgmtRequest::CreateInstance {
-            class: "counter".into(),
-            label: "alpha".into(),
-            replicas: 3,
-        })
-        .await
-        .unwrap();
-    let MgmtResponse::Instance(info) = created else {
-        panic!("{created:?}")
-    };
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_access_point_gets_a_management_replica() {
+    let sys = system(5, None).await;
+    kit::wait_until("three voters in the management service", || async {
+        let voters = sys
+            .engine(1)
+            .host(MGMT_CLASS, MGMT_INSTANCE)
+            .map(|h| h.db.status().voters.len());
+        (voters == Some(3)).then_some(())
+    })
+    .await;
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_refuses_a_duplicate_too_many_replicas_and_an_unknown_class() {
+    let sys = system(5, None).await;
+    let mgmt = sys.mgmt();
+    let info = instance(create(&mgmt, "counter", "alpha", 3).await.unwrap());
     assert_eq!(info.replicas.len(), 3);
-    let dup = mgmt
-        .call(&MgmtRequest::CreateInstance {
-            class: "counter".into(),
-            label: "alpha".into(),
-            replicas: 3,
-        })
-        .await;
+    let dup = create(&mgmt, "counter", "alpha", 3).await;
     assert!(
         matches!(dup, Err(ClientError::Service(MgmtError::Exists(_)))),
         "{dup:?}"
     );
-    let too_many = mgmt
-        .call(&MgmtRequest::CreateInstance {
-            class: "counter".into(),
-            label: "big".into(),
-            replicas: 7,
-        })
-        .await;
+    let too_many = create(&mgmt, "counter", "big", 7).await;
     assert!(
         matches!(
             too_many,
@@ -93,48 +79,37 @@ async fn create_locate_fail_over_and_destroy() {
         ),
         "{too_many:?}"
     );
-    let unknown = mgmt
-        .call(&MgmtRequest::CreateInstance {
-            class: "nope".into(),
-            label: "x".into(),
-            replicas: 1,
-        })
-        .await;
+    let unknown = create(&mgmt, "nope", "x", 1).await;
     assert!(
         matches!(unknown, Err(ClientError::Service(MgmtError::StartFailed(_)))),
         "{unknown:?}"
     );
+    sys.shutdown().await;
+}
 
-    let locator = Arc::new(MgmtLocator::new(aps.clone(), Connections::default()));
-    let c: RsvcClient<CounterApi> = RsvcClient::new("alpha", locator, Connections::default(), cfg.clone());
+/// A client that knows only the access points finds the instance through the directory, and
+/// rides over the loss of the engine that led it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_is_found_through_the_directory_and_survives_its_leaders_engine() {
+    let mut sys = system(5, None).await;
+    let (_, _, c) = counter_instance(&sys.access_points(), "alpha").await;
+    let add = CounterRequest::Add {
+        name: "n".into(),
+        delta: 1,
+    };
     for i in 1..=5 {
-        assert_eq!(
-            c.call(&CounterRequest::Add {
-                name: "n".into(),
-                delta: 1
-            })
-            .await
-            .unwrap(),
-            CounterResponse::Value(i)
-        );
+        assert_eq!(c.call(&add).await.unwrap(), CounterResponse::Value(i));
     }
-
-    // Lose the instance's leader engine (unless it is the only mgmt... any engine may go).
     let (leader, _) = c.cached_leader().unwrap();
     sys.stop(leader).await;
-    assert_eq!(
-        c.call(&CounterRequest::Add {
-            name: "n".into(),
-            delta: 1
-        })
-        .await
-        .unwrap(),
-        CounterResponse::Value(6)
-    );
+    assert_eq!(c.call(&add).await.unwrap(), CounterResponse::Value(6));
+    sys.shutdown().await;
+}
 
-    // Destroy: the directory forgets it and its replicas are gone.
-    let alive: Vec<(u32, String)> = aps.iter().filter(|(r, _)| *r != leader).cloned().collect();
-    let mgmt = mgmt_client(alive, Connections::default(), cfg);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_forgets_an_instance_and_removes_its_replicas() {
+    let sys = system(5, None).await;
+    let (mgmt, _, _) = counter_instance(&sys.access_points(), "alpha").await;
     mgmt.call(&MgmtRequest::DestroyInstance {
         class: "counter".into(),
         label: "alpha".into(),

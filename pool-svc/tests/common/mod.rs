@@ -162,6 +162,23 @@ impl System {
             .unwrap()
     }
 
+    /// Creates pool `label` with `replicas` replicas (`pool create`); its JSON answer.
+    pub(crate) fn create_pool(&self, label: &str, replicas: u32) -> serde_json::Value {
+        let n = replicas.to_string();
+        self.json(
+            POOL_SVC,
+            &["pool", "create", "--label", label, "--replicas", &n, "--json"],
+        )
+    }
+
+    /// Sets attribute `key` of pool `label` to `value` (`pool set-attr`); its JSON answer.
+    pub(crate) fn set_attr(&self, label: &str, key: &str, value: &str) -> serde_json::Value {
+        self.json(
+            POOL_SVC,
+            &["pool", "set-attr", "--label", label, key, value, "--json"],
+        )
+    }
+
     /// The rank leading pool `label` (`pool query`).
     pub(crate) fn pool_leader(&self, label: &str) -> u64 {
         self.json(POOL_SVC, &["pool", "query", "--label", label, "--json"])["leader"]
