@@ -246,37 +246,14 @@ impl MgmtInner {
                 Some((r, addr, s))
             })
             .collect();
-        if let Some((_, _, s)) = alive.iter().find(|(_, _, s)| s.serving) {
-            return Err(MgmtError::DictateRefused(format!(
-                "{name} has a leader (rank {}, term {}); dictate is for a quorum lost for good",
-                s.rank, s.term
-            )));
-        }
-        let quorum = info.replicas.len() / 2 + 1;
-        let ranks_of = |v: &[(u32, String, rsvc_client::ReplicaStatus)]| {
-            v.iter().map(|(r, _, _)| *r).collect::<Vec<_>>()
-        };
-        if alive.len() >= quorum {
-            return Err(MgmtError::DictateRefused(format!(
-                "{} of the {} replicas of {name} answer (ranks {:?}), a quorum: it will elect a leader; see `replicas status`",
-                alive.len(),
-                info.replicas.len(),
-                ranks_of(&alive)
-            )));
-        }
-        let chosen = match rank {
-            Some(want) => alive.iter().find(|(r, _, _)| *r == want).ok_or_else(|| {
-                MgmtError::DictateRefused(format!(
-                    "rank {want} has no replica of {name} that answers; those that do: {:?}",
-                    ranks_of(&alive)
-                ))
-            })?,
-            None => alive
-                .iter()
-                .max_by_key(|(r, _, s)| (s.last_log_index, s.applied_index, std::cmp::Reverse(*r)))
-                .ok_or_else(|| MgmtError::DictateRefused(format!("no replica of {name} answers")))?,
-        };
-        let (survivor, addr, _) = chosen.clone();
+        let statuses: Vec<rsvc_client::ReplicaStatus> = alive.iter().map(|(_, _, s)| s.clone()).collect();
+        let survivor = choose_survivor(&name, info.replicas.len(), &statuses, rank)
+            .map_err(MgmtError::DictateRefused)?;
+        let addr = alive
+            .iter()
+            .find(|(r, _, _)| *r == survivor)
+            .map(|(_, a, _)| a.clone())
+            .expect("the survivor is one of those that answered");
         let mut peer = self.peers.peer(&addr).map_err(MgmtError::DictateFailed)?;
         let req = pb::DictateReplicaRequest {
             cluster: self.cluster.clone(),
@@ -305,6 +282,73 @@ impl MgmtInner {
         })
     }
 
+    /// Admits engine `rank` (see [`MgmtRequest::Join`]): `joining` is its rank, address,
+    /// cluster and incarnation.
+    pub(super) async fn join(
+        &self,
+        ctx: &mut Ctx,
+        joining: (u32, &str, &str, u64),
+        access_point: bool,
+    ) -> Result<MgmtResponse, MgmtError> {
+        let (rank, addr, cluster, incarnation) = joining;
+        self.check_join(&mut ctx.tx, rank, addr, cluster, incarnation)
+            .await?;
+        let info = RankInfo {
+            rank,
+            addr: addr.to_string(),
+            state: RankState::Up,
+        };
+        ctx.tx.update(
+            &ranks(),
+            int_key(u64::from(rank)),
+            postcard::to_allocvec(&info).map_err(storage)?,
+        );
+        if access_point {
+            self.add_access_point(ctx, rank, addr).await?;
+        }
+        tracing::info!(rank, %addr, access_point, "engine joined");
+        Ok(MgmtResponse::Ok)
+    }
+
+    /// Stops and destroys every replica of `class/label` that answers, and forgets it.
+    pub(super) async fn destroy(
+        &self,
+        ctx: &mut Ctx,
+        class: &str,
+        label: &str,
+    ) -> Result<MgmtResponse, MgmtError> {
+        let (key, info) = Self::existing(&mut ctx.tx, class, label).await?;
+        for (rank, addr) in &info.replicas {
+            if let Err(e) = self.stop_on(addr, class, label).await {
+                tracing::warn!(rank, cause = %e, "could not destroy a replica; it stays orphaned");
+            }
+        }
+        ctx.tx.delete(&instances(), key.into_bytes());
+        Ok(MgmtResponse::Ok)
+    }
+
+    /// Hands the leadership of `class/label` to the replica on `to_rank` (`None`: the most
+    /// caught-up one).
+    pub(super) async fn transfer_leader(
+        &self,
+        ctx: &mut Ctx,
+        class: &str,
+        label: &str,
+        to_rank: Option<u32>,
+    ) -> Result<MgmtResponse, MgmtError> {
+        let (_, info) = Self::existing(&mut ctx.tx, class, label).await?;
+        if let Some(r) = to_rank.filter(|r| !info.replicas.iter().any(|(x, _)| x == r)) {
+            return Err(MgmtError::Invalid(format!(
+                "rank {r} hosts no replica of {}",
+                named(class, label)
+            )));
+        }
+        self.transfer(&info, to_rank.unwrap_or(0))
+            .await
+            .map(MgmtResponse::Leader)
+            .map_err(MgmtError::TransferFailed)
+    }
+
     /// Gives an access point that joined a replica of the management service.
     pub(super) async fn add_access_point(&self, ctx: &Ctx, rank: u32, addr: &str) -> Result<(), MgmtError> {
         if ctx.db.status().voters.iter().any(|r| r.rank == rank) {
@@ -319,5 +363,97 @@ impl MgmtInner {
         ctx.db.add_replica(member).await.map_err(storage)?;
         tracing::info!(rank, "access point joined the management service");
         Ok(())
+    }
+}
+
+/// Which replica a dictate makes the only one, from the reports of the replicas that answer
+/// (at their listed generation) out of `listed`: `want` if given, else the one with the
+/// longest log (then the furthest applied, then the lowest rank). Refused, with the reason,
+/// while one of them leads, while a quorum of the listed replicas answers (the group can still
+/// elect a leader, and a dictate would split it), or when `want` is not among them.
+fn choose_survivor(
+    name: &str,
+    listed: usize,
+    alive: &[rsvc_client::ReplicaStatus],
+    want: Option<u32>,
+) -> Result<u32, String> {
+    let ranks: Vec<u32> = alive.iter().map(|s| s.rank).collect();
+    if let Some(s) = alive.iter().find(|s| s.serving) {
+        return Err(format!(
+            "{name} has a leader (rank {}, term {}); dictate is for a quorum lost for good",
+            s.rank, s.term
+        ));
+    }
+    if alive.len() > listed / 2 {
+        return Err(format!(
+            "{} of the {listed} replicas of {name} answer (ranks {ranks:?}), a quorum: it will elect a leader; see `replicas status`",
+            alive.len(),
+        ));
+    }
+    match want {
+        Some(w) if ranks.contains(&w) => Ok(w),
+        Some(w) => Err(format!(
+            "rank {w} has no replica of {name} that answers; those that do: {ranks:?}"
+        )),
+        None => alive
+            .iter()
+            .max_by_key(|s| (s.last_log_index, s.applied_index, std::cmp::Reverse(s.rank)))
+            .map(|s| s.rank)
+            .ok_or_else(|| format!("no replica of {name} answers")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_survivor;
+    use rsvc_client::ReplicaStatus;
+
+    fn report(rank: u32, last: u64, serving: bool) -> ReplicaStatus {
+        ReplicaStatus {
+            class: "pool".into(),
+            instance: "tank".into(),
+            rank,
+            gen: 1,
+            role: if serving { "leader" } else { "candidate" }.into(),
+            term: 4,
+            leader: None,
+            serving,
+            last_log_index: Some(last),
+            applied_index: Some(last),
+            snapshot_index: None,
+            purged_index: None,
+            voters: vec![1, 2, 3, 4, 5],
+            learners: vec![],
+            free_bytes: None,
+            upkeep_bytes: None,
+            log_bytes: 0,
+            state_bytes: 0,
+            stopped: None,
+        }
+    }
+
+    #[test]
+    fn the_longest_log_survives_unless_the_operator_names_another() {
+        let alive = [report(2, 40, false), report(4, 41, false)];
+        assert_eq!(choose_survivor("pool", 5, &alive, None), Ok(4));
+        assert_eq!(choose_survivor("pool", 5, &alive, Some(2)), Ok(2));
+        let e = choose_survivor("pool", 5, &alive, Some(3)).unwrap_err();
+        assert!(e.contains("rank 3 has no replica"), "{e}");
+        // Equal logs: the lowest rank, so that the choice does not depend on answer order.
+        let tie = [report(4, 40, false), report(2, 40, false)];
+        assert_eq!(choose_survivor("pool", 5, &tie, None), Ok(2));
+    }
+
+    #[test]
+    fn a_quorum_or_a_leader_refuses_and_nobody_cannot_be_chosen() {
+        let three = [report(1, 9, false), report(2, 9, false), report(3, 9, false)];
+        let e = choose_survivor("pool", 5, &three, None).unwrap_err();
+        assert!(e.contains("a quorum"), "{e}");
+        let led = [report(1, 9, true)];
+        let e = choose_survivor("pool", 3, &led, None).unwrap_err();
+        assert!(e.contains("has a leader"), "{e}");
+        // Half of an even group is no quorum: 2 of 4 may dictate.
+        assert_eq!(choose_survivor("pool", 4, &three[..2], None), Ok(1));
+        assert!(choose_survivor("pool", 3, &[], None).is_err());
     }
 }

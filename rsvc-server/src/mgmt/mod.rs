@@ -156,24 +156,8 @@ impl ReplicatedService for Mgmt {
                 cluster,
                 incarnation,
             } => {
-                self.inner
-                    .check_join(&mut ctx.tx, rank, &addr, &cluster, incarnation)
-                    .await?;
-                let info = RankInfo {
-                    rank,
-                    addr: addr.clone(),
-                    state: RankState::Up,
-                };
-                ctx.tx.update(
-                    &ranks(),
-                    int_key(u64::from(rank)),
-                    postcard::to_allocvec(&info).map_err(storage)?,
-                );
-                if access_point {
-                    self.inner.add_access_point(ctx, rank, &addr).await?;
-                }
-                tracing::info!(rank, %addr, access_point, "engine joined");
-                Ok(MgmtResponse::Ok)
+                let joining = (rank, addr.as_str(), cluster.as_str(), incarnation);
+                self.inner.join(ctx, joining, access_point).await
             }
             MgmtRequest::SystemMap => {
                 let mut map = MgmtInner::up_ranks(&mut ctx.tx).await?;
@@ -189,34 +173,12 @@ impl ReplicatedService for Mgmt {
                 label,
                 replicas,
             } => self.inner.create(ctx, class, label, replicas).await,
-            MgmtRequest::DestroyInstance { class, label } => {
-                let (key, info) = MgmtInner::existing(&mut ctx.tx, &class, &label).await?;
-                for (rank, addr) in &info.replicas {
-                    if let Err(e) = self.inner.stop_on(addr, &class, &label).await {
-                        tracing::warn!(rank, cause = %e, "could not destroy a replica; it stays orphaned");
-                    }
-                }
-                ctx.tx.delete(&instances(), key.into_bytes());
-                Ok(MgmtResponse::Ok)
-            }
+            MgmtRequest::DestroyInstance { class, label } => self.inner.destroy(ctx, &class, &label).await,
             MgmtRequest::TransferLeader {
                 class,
                 label,
                 to_rank,
-            } => {
-                let (_, info) = MgmtInner::existing(&mut ctx.tx, &class, &label).await?;
-                if let Some(r) = to_rank.filter(|r| !info.replicas.iter().any(|(x, _)| x == r)) {
-                    return Err(MgmtError::Invalid(format!(
-                        "rank {r} hosts no replica of {}",
-                        named(&class, &label)
-                    )));
-                }
-                self.inner
-                    .transfer(&info, to_rank.unwrap_or(0))
-                    .await
-                    .map(MgmtResponse::Leader)
-                    .map_err(MgmtError::TransferFailed)
-            }
+            } => self.inner.transfer_leader(ctx, &class, &label, to_rank).await,
             MgmtRequest::AddReplica { class, label, rank } => {
                 self.inner.add_replica(ctx, class, label, rank).await
             }
@@ -227,42 +189,8 @@ impl ReplicatedService for Mgmt {
             MgmtRequest::Locate { class, label } => MgmtInner::existing(&mut ctx.tx, &class, &label)
                 .await
                 .map(|(_, i)| MgmtResponse::Instance(i)),
-            MgmtRequest::ListInstances { class } => {
-                let all = ctx
-                    .tx
-                    .iterate(&instances(), .., usize::MAX)
-                    .await
-                    .map_err(storage)?;
-                let mut out = Vec::new();
-                for (_, v) in all {
-                    if let rdb::Value::Bytes(b) = v {
-                        let i: InstanceInfo = postcard::from_bytes(&b).map_err(storage)?;
-                        if class.as_ref().is_none_or(|c| *c == i.class) {
-                            out.push(i);
-                        }
-                    }
-                }
-                Ok(MgmtResponse::Instances(out))
-            }
-            MgmtRequest::DescribeSelf => {
-                let ranks = MgmtInner::up_ranks(&mut ctx.tx).await?;
-                let mut voters = ctx.db.status().voters;
-                voters.sort();
-                let addr = |rank: u32| {
-                    ranks
-                        .iter()
-                        .find(|r| r.rank == rank)
-                        .map(|r| r.addr.clone())
-                        .unwrap_or_default()
-                };
-                Ok(MgmtResponse::Instance(InstanceInfo {
-                    class: MGMT_CLASS.into(),
-                    label: MGMT_INSTANCE.into(),
-                    db: ctx.db.ident().db.0,
-                    replicas: voters.iter().map(|v| (v.rank, addr(v.rank))).collect(),
-                    gens: voters.iter().map(|v| (v.rank, v.gen)).collect(),
-                }))
-            }
+            MgmtRequest::ListInstances { class } => MgmtInner::list(&mut ctx.tx, class.as_deref()).await,
+            MgmtRequest::DescribeSelf => MgmtInner::describe_self(ctx).await,
         }
     }
 }

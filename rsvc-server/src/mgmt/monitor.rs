@@ -44,6 +44,25 @@ impl MgmtInner {
         else {
             return Err("unexpected answer".into());
         };
+        let hosted = self.probe(&ranks).await;
+        let MgmtResponse::Instances(instances) = client
+            .call(&MgmtRequest::ListInstances { class: None })
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Err("unexpected answer".into());
+        };
+        self.repair_lost(client, db, &ranks, &instances, &hosted).await;
+        match self.reconf_after {
+            Some(after) => self.move_off_dead(client, &ranks, instances, after).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Asks every engine who it is and what it hosts, within one probe period each, and
+    /// records who answered (`seen`, `failing`). Answers what each engine that answered hosts;
+    /// only the engine of that rank and cluster counts as an answer.
+    async fn probe(&self, ranks: &[RankInfo]) -> HashMap<u32, HashSet<(String, String, u32)>> {
         let checks = ranks.iter().map(|r| async move {
             let reply = tokio::time::timeout(self.probe_every, self.identify(&r.addr)).await;
             // Only the engine of that rank and cluster counts as an answer.
@@ -77,19 +96,19 @@ impl MgmtInner {
                 }
             }
         }
-        let hosted: HashMap<u32, HashSet<(String, String, u32)>> =
-            results.into_iter().filter_map(|(r, h)| Some((r, h?))).collect();
-        let MgmtResponse::Instances(instances) = client
-            .call(&MgmtRequest::ListInstances { class: None })
-            .await
-            .map_err(|e| e.to_string())?
-        else {
-            return Err("unexpected answer".into());
-        };
-        self.repair_lost(client, db, &ranks, &instances, &hosted).await;
-        let Some(after) = self.reconf_after else {
-            return Ok(());
-        };
+        results.into_iter().filter_map(|(r, h)| Some((r, h?))).collect()
+    }
+
+    /// Moves the replicas of engines down for longer than `after` to spare engines (DAOS pool
+    /// auto-reconfiguration), one change per instance per round: the next round sees the new
+    /// list.
+    async fn move_off_dead(
+        &self,
+        client: &rsvc_client::RsvcClient<MgmtApi>,
+        ranks: &[RankInfo],
+        instances: Vec<InstanceInfo>,
+        after: Duration,
+    ) -> Result<(), String> {
         for i in instances {
             for (dead, _) in &i.replicas {
                 let gone = self.failed_rounds(*dead) >= 2

@@ -63,4 +63,40 @@ impl MgmtInner {
             None => Ok(None),
         }
     }
+
+    /// Every instance in the directory, of `class` only if given.
+    pub(super) async fn list(tx: &mut Tx, class: Option<&str>) -> Result<MgmtResponse, MgmtError> {
+        let all = tx.iterate(&instances(), .., usize::MAX).await.map_err(storage)?;
+        let mut out = Vec::new();
+        for (_, v) in all {
+            if let rdb::Value::Bytes(b) = v {
+                let i: InstanceInfo = postcard::from_bytes(&b).map_err(storage)?;
+                if class.is_none_or(|c| c == i.class) {
+                    out.push(i);
+                }
+            }
+        }
+        Ok(MgmtResponse::Instances(out))
+    }
+
+    /// The management service as an instance (see [`MgmtRequest::DescribeSelf`]).
+    pub(super) async fn describe_self(ctx: &mut Ctx) -> Result<MgmtResponse, MgmtError> {
+        let ranks = Self::up_ranks(&mut ctx.tx).await?;
+        let mut voters = ctx.db.status().voters;
+        voters.sort();
+        let addr = |rank: u32| {
+            ranks
+                .iter()
+                .find(|r| r.rank == rank)
+                .map(|r| r.addr.clone())
+                .unwrap_or_default()
+        };
+        Ok(MgmtResponse::Instance(InstanceInfo {
+            class: MGMT_CLASS.into(),
+            label: MGMT_INSTANCE.into(),
+            db: ctx.db.ident().db.0,
+            replicas: voters.iter().map(|v| (v.rank, addr(v.rank))).collect(),
+            gens: voters.iter().map(|v| (v.rank, v.gen)).collect(),
+        }))
+    }
 }
