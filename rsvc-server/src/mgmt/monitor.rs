@@ -109,42 +109,33 @@ impl MgmtInner {
         instances: Vec<InstanceInfo>,
         after: Duration,
     ) -> Result<(), String> {
-        for i in instances {
-            for (dead, _) in &i.replicas {
-                let gone = self.failed_rounds(*dead) >= 2
-                    && self
-                        .seen
-                        .lock()
-                        .expect("lock")
-                        .get(dead)
-                        .is_some_and(|t| t.elapsed() > after);
-                if !gone {
-                    continue;
-                }
-                let spare = ranks.iter().find(|r| {
-                    r.state == RankState::Up
-                        && !self.is_down(r.rank)
-                        && !i.replicas.iter().any(|(x, _)| *x == r.rank)
-                });
-                let Some(spare) = spare else {
-                    tracing::warn!(class = %i.class, label = %i.label, rank = dead, "replica's engine is down and no spare engine is up");
-                    continue;
-                };
-                tracing::info!(class = %i.class, label = %i.label, from = dead, to = spare.rank, "auto-reconfiguration: moving a replica off a dead engine");
-                let rm = MgmtRequest::RemoveReplica {
-                    class: i.class.clone(),
-                    label: i.label.clone(),
-                    rank: *dead,
-                };
-                client.call(&rm).await.map_err(|e| e.to_string())?;
-                let add = MgmtRequest::AddReplica {
-                    class: i.class.clone(),
-                    label: i.label.clone(),
-                    rank: spare.rank,
-                };
-                client.call(&add).await.map_err(|e| e.to_string())?;
-                break; // one change per instance per round; the next round sees the new list
-            }
+        let gone = |rank: u32| {
+            self.failed_rounds(rank) >= 2
+                && self
+                    .seen
+                    .lock()
+                    .expect("lock")
+                    .get(&rank)
+                    .is_some_and(|t| t.elapsed() > after)
+        };
+        for m in plan_moves(&instances, ranks, gone, |r| self.is_down(r)) {
+            let Some(to) = m.to else {
+                tracing::warn!(class = %m.class, label = %m.label, rank = m.from, "replica's engine is down and no spare engine is up");
+                continue;
+            };
+            tracing::info!(class = %m.class, label = %m.label, from = m.from, to, "auto-reconfiguration: moving a replica off a dead engine");
+            let rm = MgmtRequest::RemoveReplica {
+                class: m.class.clone(),
+                label: m.label.clone(),
+                rank: m.from,
+            };
+            client.call(&rm).await.map_err(|e| e.to_string())?;
+            let add = MgmtRequest::AddReplica {
+                class: m.class,
+                label: m.label,
+                rank: to,
+            };
+            client.call(&add).await.map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -369,6 +360,49 @@ fn stray_replicas(
     out
 }
 
+/// A replica to move off an engine that is gone: to the spare engine `to`, or nowhere
+/// (`None`: no engine is up that does not host the instance already).
+#[derive(Debug, PartialEq, Eq)]
+struct Move {
+    class: String,
+    label: String,
+    from: u32,
+    to: Option<u32>,
+}
+
+/// What the reconfiguration does this round (DAOS pool auto-reconfiguration): for each
+/// instance, the first replica on a `gone` engine moves to the first engine of the map that
+/// is up, not `down`, and hosts no replica of it. One move per instance per round: the next
+/// round sees the new list. A gone replica with nowhere to go is reported as such.
+fn plan_moves(
+    instances: &[InstanceInfo],
+    ranks: &[RankInfo],
+    gone: impl Fn(u32) -> bool,
+    down: impl Fn(u32) -> bool,
+) -> Vec<Move> {
+    let mut out = Vec::new();
+    for i in instances {
+        for (dead, _) in &i.replicas {
+            if !gone(*dead) {
+                continue;
+            }
+            let spare = ranks.iter().find(|r| {
+                r.state == RankState::Up && !down(r.rank) && !i.replicas.iter().any(|(x, _)| *x == r.rank)
+            });
+            out.push(Move {
+                class: i.class.clone(),
+                label: i.label.clone(),
+                from: *dead,
+                to: spare.map(|r| r.rank),
+            });
+            if spare.is_some() {
+                break;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +507,64 @@ mod tests {
         // An add of generation 3 in progress on a rank the directory lists no more.
         readded.replicas.retain(|(r, _)| *r != 2);
         assert!(stray_replicas(&[readded], &hosts(&[(2, &[("pool", 3)])])).is_empty());
+    }
+
+    fn inst(label: &str, ranks: &[u32]) -> InstanceInfo {
+        InstanceInfo {
+            class: "pool".into(),
+            label: label.into(),
+            db: 1,
+            replicas: ranks.iter().map(|r| (*r, format!("a{r}"))).collect(),
+            gens: ranks.iter().map(|r| (*r, 1)).collect(),
+        }
+    }
+
+    fn map(up: &[u32], down: &[u32]) -> Vec<RankInfo> {
+        let rank = |r: &u32, state| RankInfo {
+            rank: *r,
+            addr: format!("a{r}"),
+            state,
+        };
+        let mut m: Vec<RankInfo> = up.iter().map(|r| rank(r, RankState::Up)).collect();
+        m.extend(down.iter().map(|r| rank(r, RankState::Down)));
+        m.sort_by_key(|r| r.rank);
+        m
+    }
+
+    fn mv(label: &str, from: u32, to: Option<u32>) -> Move {
+        Move {
+            class: "pool".into(),
+            label: label.into(),
+            from,
+            to,
+        }
+    }
+
+    #[test]
+    fn a_replica_on_a_gone_engine_moves_to_the_first_healthy_spare() {
+        let instances = [inst("a", &[1, 2, 3]), inst("b", &[2, 4, 5])];
+        // Rank 2 is gone; rank 4 is up in the map but failing its probes (down).
+        let ranks = map(&[1, 3, 4, 5, 6], &[2]);
+        let plan = plan_moves(&instances, &ranks, |r| r == 2, |r| r == 2 || r == 4);
+        assert_eq!(plan, vec![mv("a", 2, Some(5)), mv("b", 2, Some(1))]);
+    }
+
+    #[test]
+    fn one_move_per_instance_per_round_and_none_before_the_engine_is_gone() {
+        let instances = [inst("a", &[1, 2, 3])];
+        let ranks = map(&[4, 5], &[1, 2, 3]);
+        // Two gone: only the first moves this round.
+        let plan = plan_moves(&instances, &ranks, |r| r == 1 || r == 2, |r| r <= 3);
+        assert_eq!(plan, vec![mv("a", 1, Some(4))]);
+        // Down but not gone yet (not down for `reconf_after`): nothing moves.
+        assert!(plan_moves(&instances, &ranks, |_| false, |r| r <= 3).is_empty());
+    }
+
+    #[test]
+    fn a_gone_replica_without_a_spare_is_reported_and_the_next_is_tried() {
+        let instances = [inst("a", &[1, 2, 3])];
+        let ranks = map(&[1, 3], &[2]);
+        let plan = plan_moves(&instances, &ranks, |r| r == 2 || r == 3, |r| r == 2);
+        assert_eq!(plan, vec![mv("a", 2, None), mv("a", 3, None)]);
     }
 }
