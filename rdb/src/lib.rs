@@ -105,6 +105,7 @@ pub mod codec;
 mod config;
 mod db;
 mod error;
+pub mod fuzz;
 pub mod kv;
 mod leadership;
 pub mod network;

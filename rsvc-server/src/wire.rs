@@ -20,7 +20,8 @@ pub(crate) fn replica_from(r: Option<&pb::ReplicaRef>) -> Result<ReplicaId, Stri
     Ok(ReplicaId::new(r.rank, r.gen))
 }
 
-pub(crate) fn db_from(b: &[u8]) -> Result<DbId, String> {
+/// A database id from its 16 big-endian bytes.
+pub fn db_from(b: &[u8]) -> Result<DbId, String> {
     let a: [u8; 16] = b
         .try_into()
         .map_err(|_| format!("db id must be 16 bytes, got {}", b.len()))?;
@@ -35,7 +36,8 @@ pub(crate) fn member_to(m: &Member) -> pb::Member {
     }
 }
 
-pub(crate) fn member_from(m: &pb::Member) -> Result<Member, String> {
+/// A member from its protobuf form.
+pub fn member_from(m: &pb::Member) -> Result<Member, String> {
     Ok(Member {
         replica: replica_from(m.replica.as_ref())?,
         addr: m.addr.clone(),
@@ -61,7 +63,8 @@ pub(crate) fn rpc_to(cluster: &str, rpc: RaftRpc) -> pb::RaftMessage {
     }
 }
 
-pub(crate) fn rpc_from(m: pb::RaftMessage) -> Result<RaftRpc, String> {
+/// The raft message a peer sent, as rdb takes it; refused if malformed.
+pub fn rpc_from(m: pb::RaftMessage) -> Result<RaftRpc, String> {
     Ok(RaftRpc {
         db: db_from(&m.db)?,
         from: replica_from(m.from.as_ref())?,

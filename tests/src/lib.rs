@@ -22,6 +22,7 @@
 pub mod elle;
 pub mod etcd;
 pub mod faultnet;
+pub mod fuzz;
 pub mod kit;
 pub mod lincheck;
 pub mod nemesis;

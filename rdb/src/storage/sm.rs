@@ -76,9 +76,9 @@ const REC_END: u8 = 0xFF;
 
 /// What `snapshots/current` holds.
 #[derive(Serialize, Deserialize)]
-struct CurrentSnapshot {
-    meta: SnapshotMeta,
-    file: String,
+pub(crate) struct CurrentSnapshot {
+    pub(crate) meta: SnapshotMeta,
+    pub(crate) file: String,
 }
 
 /// The state machine of one replica. Clones share everything.
