@@ -3,9 +3,12 @@
 //! how many decoded, the slowest input and the largest single allocation. A panic or an input
 //! slower than the budget is written under `--crashes` and fails the run.
 //!
+//! `rsvc-fuzz port` attacks a running system's gRPC port instead (see `port.rs`).
+//!
 //! ```sh
 //! cargo run --release -p rsvc-tests --bin rsvc-fuzz -- --inputs 10000000
 //! cargo run --release -p rsvc-tests --bin rsvc-fuzz -- --target raft-message --seed 7
+//! cargo run --release -p rsvc-tests --bin rsvc-fuzz -- port
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -13,8 +16,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use rsvc_tests::fuzz;
+
+mod port;
 
 /// The system allocator, noting the largest single allocation: a decoder that trusts a length
 /// prefix shows up here as a huge request long before the machine runs out of memory.
@@ -53,6 +58,8 @@ const ALLOCATION_BOUND: usize = 16 << 20;
     about = "Fuzzes every decoder of network and disk bytes with structured random inputs"
 )]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Inputs per target.
     #[arg(long, default_value_t = 10_000_000)]
     inputs: u64,
@@ -73,8 +80,38 @@ struct Cli {
     write_corpus: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The gRPC port under garbage, half-open TLS handshakes, slowloris clients and a flood
+    /// of connections, while a client writes: its throughput against an undisturbed baseline.
+    Port(port::PortArgs),
+    /// Runs an engine (what `pool-svc serve` runs); `port` starts its system this way.
+    #[command(hide = true)]
+    Engine {
+        #[command(subcommand)]
+        cmd: EngineCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EngineCmd {
+    /// See `pool-svc serve`.
+    Serve(Box<rsvc_server::cli::ServeArgs>),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::Engine {
+            cmd: EngineCmd::Serve(args),
+        }) => return rsvc_tests::serve_engine("rsvc-fuzz engine", *args),
+        Some(Cmd::Port(args)) => {
+            return rsvc_server::cli::run_main("rsvc-fuzz port", rsvc_server::cli::Logging::Command, async {
+                port::run(args).await.map_err(|e| (1, e))
+            })
+        }
+        None => {}
+    }
     let targets: Vec<fuzz::Target> = fuzz::targets()
         .into_iter()
         .filter(|t| cli.target.is_empty() || cli.target.iter().any(|n| n == t.name))

@@ -1,0 +1,223 @@
+//! The gRPC port under abuse: while one client writes to a pool (each write crosses the
+//! leader's port and its peers'), the leader's port gets garbage, half-open TLS handshakes,
+//! slowloris HTTP/2 prefaces, and a flood of idle connections. Each phase reports the client's
+//! throughput as a ratio to the undisturbed baseline of the same run, its latency and its
+//! errors.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use pool_svc::{PoolApi, PoolRequest, PoolResponse};
+use rsvc_client::{ClientConfig, RsvcClient};
+use rsvc_tests::rsvc::{EngineCmd, RsvcSystem, Spec, Timers};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// What `port` takes.
+#[derive(clap::Args, Debug)]
+pub(crate) struct PortArgs {
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Connections each holding attack keeps open.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Where the engines keep their data (a temporary directory under it).
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+}
+
+/// One phase's figures.
+struct Phase {
+    name: &'static str,
+    ops: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+    /// Attack connections that were open at the end.
+    held: usize,
+}
+
+/// A TLS 1.2 ClientHello's first bytes: a record header and the start of a handshake, then
+/// nothing more.
+const CLIENT_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+
+/// The HTTP/2 client preface that a slowloris client sends one byte at a time.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+pub(crate) async fn run(args: PortArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+    let program = EngineCmd {
+        program: exe,
+        prefix: vec!["engine".into(), "serve".into()],
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("rsvc-fuzz-port-")
+        .tempdir_in(&args.dir)
+        .map_err(|e| e.to_string())?;
+    let sys = RsvcSystem::start_spec(tmp.path(), program, Spec::new(3, Timers::defaults())).await?;
+    sys.create_pool("abuse", 3).await?;
+    let cfg = ClientConfig {
+        deadline: Duration::from_secs(10),
+        ..ClientConfig::default()
+    };
+    let client = sys.pool("abuse", cfg);
+    // Warm up, and find the leader: the attacks go to its port.
+    write(&client, 0).await.map_err(|e| format!("first write: {e}"))?;
+    let leader = client.cached_leader().ok_or("no leader known")?.0;
+    let target = sys.engines[&leader].addr.clone();
+    let secs = Duration::from_secs_f64(args.seconds);
+    eprintln!("== pool 'abuse' led by rank {leader} at {target}; {secs:?} per phase");
+    let mut phases = Vec::new();
+    for name in ["baseline", "garbage", "half-open TLS", "slowloris", "idle flood"] {
+        let stop = stop_signal();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let attack = {
+            let (target, stop, n) = (target.clone(), stop.clone(), args.connections);
+            tokio::spawn(async move { attack(name, &target, n, stop, ready_tx).await })
+        };
+        // The holding attacks open all their connections before the measurement starts.
+        let _ = ready.await;
+        let (ops, errors, hist) = workload(&client, secs).await;
+        stop.send_replace(true);
+        let held = attack.await.unwrap_or(0);
+        phases.push(Phase {
+            name,
+            ops,
+            errors,
+            hist,
+            held,
+        });
+    }
+    let base = phases[0].ops.max(1) as f64;
+    println!(
+        "{:<14} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6}",
+        "PHASE", "WRITES/S", "RATIO", "P50 MS", "P99 MS", "ERRORS", "HELD"
+    );
+    for p in &phases {
+        println!(
+            "{:<14} {:>8.0} {:>8.2} {:>9.2} {:>9.2} {:>7} {:>6}",
+            p.name,
+            p.ops as f64 / args.seconds,
+            p.ops as f64 / base,
+            p.hist.value_at_quantile(0.5) as f64 / 1e3,
+            p.hist.value_at_quantile(0.99) as f64 / 1e3,
+            p.errors,
+            p.held
+        );
+    }
+    // The engine still serves a fresh client after all of it.
+    let fresh = sys.pool("abuse", ClientConfig::default());
+    write(&fresh, 1)
+        .await
+        .map_err(|e| format!("a fresh client after the attacks: {e}"))?;
+    println!("a fresh client's write after the attacks: ok");
+    Ok(())
+}
+
+fn stop_signal() -> std::sync::Arc<tokio::sync::watch::Sender<bool>> {
+    std::sync::Arc::new(tokio::sync::watch::channel(false).0)
+}
+
+async fn write(c: &RsvcClient<PoolApi>, i: u64) -> Result<(), String> {
+    let req = PoolRequest::AttrSet {
+        name: format!("k{}", i % 64),
+        value: i.to_be_bytes().to_vec(),
+    };
+    match c.call(&req).await {
+        Ok(PoolResponse::Ok) => Ok(()),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One client writing for `secs`: ops, errors, latency in microseconds.
+async fn workload(c: &RsvcClient<PoolApi>, secs: Duration) -> (u64, u64, Histogram<u64>) {
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let (mut ops, mut errors) = (0, 0);
+    let end = Instant::now() + secs;
+    let mut i = 0;
+    while Instant::now() < end {
+        let t = Instant::now();
+        match write(c, i).await {
+            Ok(()) => {
+                ops += 1;
+                let _ = hist.record(t.elapsed().as_micros() as u64);
+            }
+            Err(_) => errors += 1,
+        }
+        i += 1;
+    }
+    (ops, errors, hist)
+}
+
+/// Runs attack `name` on `target` until `stop`; answers how many connections it held open at
+/// the end.
+async fn attack(
+    name: &'static str,
+    target: &str,
+    n: usize,
+    stop: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> usize {
+    let mut stopped = stop.subscribe();
+    match name {
+        "garbage" => {
+            // Connect, write junk, close: as fast as four tasks can.
+            let tasks: Vec<_> = (0..4)
+                .map(|k| {
+                    let (target, stop) = (target.to_string(), stop.subscribe());
+                    tokio::spawn(async move {
+                        let mut i: u64 = k;
+                        while !*stop.borrow() {
+                            if let Ok(mut s) = TcpStream::connect(&target).await {
+                                let junk: Vec<u8> =
+                                    (0..512).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+                                let _ = s.write_all(&junk).await;
+                            }
+                            i += 1;
+                        }
+                    })
+                })
+                .collect();
+            let _ = ready.send(());
+            let _ = stopped.wait_for(|s| *s).await;
+            for t in tasks {
+                let _ = t.await;
+            }
+            0
+        }
+        "half-open TLS" | "slowloris" | "idle flood" => {
+            use futures::StreamExt;
+            let mut held: Vec<TcpStream> = futures::stream::iter(0..n)
+                .map(|_| async move {
+                    let mut s = TcpStream::connect(target).await.ok()?;
+                    if name == "half-open TLS" {
+                        s.write_all(CLIENT_HELLO).await.ok()?;
+                    }
+                    Some(s)
+                })
+                .buffer_unordered(64)
+                .filter_map(|s| async move { s })
+                .collect()
+                .await;
+            let _ = ready.send(());
+            // Slowloris: one more preface byte on every connection each half second.
+            let mut at = 0;
+            while !*stopped.borrow() {
+                if name == "slowloris" && at < PREFACE.len() {
+                    for s in &mut held {
+                        let _ = s.write_all(&PREFACE[at..=at]).await;
+                    }
+                    at += 1;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(500), stopped.changed()).await;
+            }
+            held.len()
+        }
+        _ => {
+            let _ = ready.send(());
+            let _ = stopped.wait_for(|s| *s).await;
+            0
+        }
+    }
+}
