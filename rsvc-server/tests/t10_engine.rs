@@ -760,3 +760,59 @@ async fn leader_tasks_run_only_while_their_replica_leads() {
     );
     sys.shutdown().await;
 }
+
+/// Whether the peer closed `s` (a read returns end of file or an error) within `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Found by `rsvc-fuzz port`: connections that never send the HTTP/2 preface (an idle flood,
+/// a slowloris) held a file descriptor each for as long as they liked. Now one beyond
+/// `max_pending_connections` is closed at once, and the others after `preface_timeout`, while
+/// real clients go on being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_preface_are_closed_and_cannot_crowd_out_clients() {
+    init_tracing();
+    let sys = System(
+        EngineSystem::builder(3)
+            .factories(|_| factories())
+            .config(|c| {
+                c.limits.preface_timeout = Duration::from_millis(500);
+                c.limits.max_pending_connections = 8;
+            })
+            .start()
+            .await,
+    );
+    let replicas = sys.create("p", &[1, 2, 3]).await;
+    let addr = sys.engine(1).addr().to_string();
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // 12 of the 20 are over the limit: closed at once (well before the preface timeout).
+    let mut closed_at_once = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(200)).await {
+            closed_at_once += 1;
+        }
+    }
+    assert!(closed_at_once >= 12, "{closed_at_once} closed at once");
+    // Clients are served meanwhile, through the same engine among others.
+    let c = client(replicas, "p");
+    let add = CounterRequest::Add {
+        name: "a".into(),
+        delta: 1,
+    };
+    assert_eq!(c.call(&add).await.unwrap(), CounterResponse::Value(1));
+    // The rest are closed once their preface is overdue.
+    for s in &mut idle {
+        assert!(closed_within(s, DEADLINE).await, "an idle connection stayed open");
+    }
+    assert_eq!(c.call(&add).await.unwrap(), CounterResponse::Value(2));
+    sys.shutdown().await;
+}

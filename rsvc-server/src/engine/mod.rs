@@ -13,6 +13,7 @@
 //! The gRPC adapters that call into it are in the crate's `rpc` module.
 
 mod join;
+mod listener;
 mod registry;
 mod replicas;
 
@@ -58,6 +59,11 @@ pub struct EngineLimits {
     pub revived_after: Duration,
     /// Requests served at once per client connection (256).
     pub requests_per_connection: usize,
+    /// How long a new connection may take to send the HTTP/2 preface before it is closed,
+    /// so that idle or slowloris connections cannot hold file descriptors (10 s).
+    pub preface_timeout: Duration,
+    /// Connections that may wait for their preface at once; one more is closed at once (512).
+    pub max_pending_connections: usize,
     /// Management leader: how long a joining engine may take to answer `Identify` (2 s).
     pub join_identify_timeout: Duration,
     /// Management leader: pause between rounds of asking an instance's replicas which one
@@ -84,6 +90,8 @@ impl Default for EngineLimits {
             revive_period: Duration::from_secs(1),
             revived_after: Duration::from_secs(3),
             requests_per_connection: 256,
+            preface_timeout: Duration::from_secs(10),
+            max_pending_connections: 512,
             join_identify_timeout: Duration::from_secs(2),
             change_retry: Duration::from_millis(100),
             lost_after: Duration::from_secs(2),
@@ -340,7 +348,29 @@ impl Engine {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let mut stop = engine.inner.shutdown.subscribe();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = {
+            use futures::StreamExt;
+            let pending = listener::Pending::default();
+            let limits = engine.inner.limits.clone();
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .filter_map(move |r| {
+                    let admitted = match r {
+                        Ok(s) => {
+                            let g = pending.admit(s, limits.max_pending_connections, limits.preface_timeout);
+                            if g.is_none() {
+                                tracing::debug!(
+                                    pending = pending.count(),
+                                    "too many connections without a preface; closed one"
+                                );
+                            }
+                            g.map(Ok)
+                        }
+                        Err(e) => Some(Err(e)),
+                    };
+                    std::future::ready(admitted)
+                })
+        };
         let per_connection = engine.inner.limits.requests_per_connection;
         tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
