@@ -8,7 +8,9 @@
 //! - `join`: joining the system through the access points, and the first access point's
 //!   bootstrap of the management service;
 //! - `replicas`: replica lifecycle: recovery at start, create, dictate, stop, and reopening
-//!   replicas that a storage error stopped.
+//!   replicas that a storage error stopped;
+//! - `listener`: every connection must send the HTTP/2 preface in time, and only so many may
+//!   be waiting for theirs, so that idle or slowloris connections cannot hold descriptors.
 //!
 //! The gRPC adapters that call into it are in the crate's `rpc` module.
 
