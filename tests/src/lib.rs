@@ -31,6 +31,23 @@ pub mod rsvc;
 
 use std::time::{Duration, Instant};
 
+/// The hidden `engine serve` subcommand of the harness binaries (rsvc-bench, rsvc-fault,
+/// rsvc-fuzz): each re-executes itself as `<binary> engine serve ...` for its engines.
+#[derive(clap::Subcommand, Debug)]
+pub enum EngineSubcommand {
+    /// See `pool-svc serve`.
+    Serve(Box<rsvc_server::cli::ServeArgs>),
+}
+
+impl EngineSubcommand {
+    /// Runs it; `name` names the process in its logs and errors (`rsvc-bench engine`).
+    pub fn run(self, name: &'static str) -> std::process::ExitCode {
+        match self {
+            EngineSubcommand::Serve(args) => serve_engine(name, *args),
+        }
+    }
+}
+
 /// Runs a `pool-svc serve` engine inside a harness binary (rsvc-bench, rsvc-fault), which
 /// re-executes itself as `<name> engine serve ...`, so that the engine under test is always the
 /// one built with the harness.

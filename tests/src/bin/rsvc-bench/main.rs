@@ -41,16 +41,11 @@ enum Cmd {
     #[command(hide = true)]
     Engine {
         #[command(subcommand)]
-        cmd: EngineCmd,
+        cmd: rsvc_tests::EngineSubcommand,
     },
     /// A participant of the etcd lease-election pattern (see the `lease` workload).
     #[command(hide = true)]
     Campaign(lease::CampaignArgs),
-}
-
-#[derive(Subcommand, Debug)]
-enum EngineCmd {
-    Serve(Box<rsvc_server::cli::ServeArgs>),
 }
 
 /// What to run and how long.
@@ -160,11 +155,8 @@ impl Opts {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Engine {
-        cmd: EngineCmd::Serve(args),
-    }) = cli.cmd
-    {
-        return rsvc_tests::serve_engine("rsvc-bench engine", *args);
+    if let Some(Cmd::Engine { cmd }) = cli.cmd {
+        return cmd.run("rsvc-bench engine");
     }
     if let Some(Cmd::Campaign(args)) = cli.cmd {
         return rsvc_server::cli::run_main(

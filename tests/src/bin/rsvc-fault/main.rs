@@ -68,22 +68,14 @@ enum Cmd {
     #[command(hide = true)]
     Engine {
         #[command(subcommand)]
-        cmd: EngineCmd,
+        cmd: rsvc_tests::EngineSubcommand,
     },
-}
-
-#[derive(Subcommand, Debug)]
-enum EngineCmd {
-    Serve(Box<rsvc_server::cli::ServeArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Engine {
-        cmd: EngineCmd::Serve(args),
-    }) = cli.cmd
-    {
-        return rsvc_tests::serve_engine("rsvc-fault engine", *args);
+    if let Some(Cmd::Engine { cmd }) = cli.cmd {
+        return cmd.run("rsvc-fault engine");
     }
     rsvc_server::cli::run_main("rsvc-fault", rsvc_server::cli::Logging::Command, async {
         suite(cli).await.map_err(|e| (1, e))

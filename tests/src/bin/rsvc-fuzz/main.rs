@@ -89,22 +89,14 @@ enum Cmd {
     #[command(hide = true)]
     Engine {
         #[command(subcommand)]
-        cmd: EngineCmd,
+        cmd: rsvc_tests::EngineSubcommand,
     },
-}
-
-#[derive(Subcommand, Debug)]
-enum EngineCmd {
-    /// See `pool-svc serve`.
-    Serve(Box<rsvc_server::cli::ServeArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Some(Cmd::Engine {
-            cmd: EngineCmd::Serve(args),
-        }) => return rsvc_tests::serve_engine("rsvc-fuzz engine", *args),
+        Some(Cmd::Engine { cmd }) => return cmd.run("rsvc-fuzz engine"),
         Some(Cmd::Port(args)) => {
             return rsvc_server::cli::run_main("rsvc-fuzz port", rsvc_server::cli::Logging::Command, async {
                 port::run(args).await.map_err(|e| (1, e))

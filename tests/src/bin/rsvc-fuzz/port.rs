@@ -212,19 +212,28 @@ async fn attack(
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(500), stopped.changed()).await;
             }
-            // How many the engine still keeps open: a read would block rather than see the
-            // end of the stream.
-            let mut buf = [0u8; 64];
-            held.iter()
-                .filter(
-                    |s| matches!(s.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-                )
-                .count()
+            // How many the engine still keeps open: once what it sent (its SETTINGS) is read,
+            // a read would block rather than see the end of the stream.
+            held.iter().filter(|s| still_open(s)).count()
         }
         _ => {
             let _ = ready.send(());
             let _ = stopped.wait_for(|s| *s).await;
             0
+        }
+    }
+}
+
+/// Whether the other end still keeps `s` open: reads drain what it sent until one would block
+/// (open) or sees the end of the stream or an error (closed).
+fn still_open(s: &TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    loop {
+        match s.try_read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
         }
     }
 }
