@@ -598,20 +598,13 @@ async fn dictate_recovers_a_pool_that_lost_its_quorum_for_good() {
     // A lost engine comes back with its old replica: the monitor destroys it.
     sys.rsvc.restart(lost[0]).await.unwrap();
     let pool = ("pool".to_string(), "tank".to_string());
-    let start = Instant::now();
-    loop {
+    let what = format!("rank {} to destroy its old replica", lost[0]);
+    rsvc_tests::kit::wait_until(&what, || async {
         let hosted = sys.rsvc.status(lost[0]).await;
         let on_disk = sys.rsvc.data_dir(lost[0]).join("pool").join("tank").exists();
-        if hosted.as_ref().is_ok_and(|h| !h.contains_key(&pool)) && !on_disk {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "rank {} still hosts its old replica: {hosted:?}",
-            lost[0]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (hosted.is_ok_and(|h| !h.contains_key(&pool)) && !on_disk).then_some(())
+    })
+    .await;
     let v = sys.json(POOL_SVC, &["pool", "get-attr", "--label", "tank", "k", "--json"]);
     assert_eq!(v["value"], "after", "{v}");
 }

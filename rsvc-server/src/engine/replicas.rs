@@ -259,19 +259,16 @@ impl Engine {
         // would be taken for lost by the management service.
         let db = self.open_replica(class, instance, &dir).await?;
         rewritten?;
-        let deadline = tokio::time::Instant::now() + self.inner.limits.bootstrap_timeout;
-        loop {
-            if let Some(term) = db.up_term() {
-                tracing::warn!(%class, %instance, term, "dictated: this replica is now its group's only voter, and leads");
-                return Ok((db.member(), term));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(EngineError::Rdb(rdb::Error::Timeout(
-                    "the dictated replica did not step up".into(),
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let term = db
+            .wait_up(self.inner.limits.bootstrap_timeout)
+            .await
+            .map_err(|e| {
+                EngineError::Rdb(rdb::Error::Timeout(format!(
+                    "the dictated replica did not step up: {e}"
+                )))
+            })?;
+        tracing::warn!(%class, %instance, term, "dictated: this replica is now its group's only voter, and leads");
+        Ok((db.member(), term))
     }
 
     /// Stops a hosted replica and, with `destroy`, removes its files.
