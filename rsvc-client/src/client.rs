@@ -58,6 +58,9 @@ pub enum LocateError {
     /// The directory could not be asked now.
     #[error("directory unavailable: {0}")]
     Unavailable(String),
+    /// The directory refused this client's certificate, or its own did not check out.
+    #[error("{0}")]
+    Security(String),
 }
 
 /// Looks up the replicas of an instance, e.g. by asking the management service.
@@ -90,6 +93,7 @@ pub struct Connections {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
     local_address: Option<std::net::IpAddr>,
+    tls: Option<Arc<crate::tls::TlsFiles>>,
 }
 
 impl Default for Connections {
@@ -105,7 +109,20 @@ impl Connections {
             channels: Arc::default(),
             connect_timeout,
             local_address: None,
+            tls: None,
         }
+    }
+
+    /// The same pool, speaking mutual TLS with `tls` (`None`: plain TCP). Engines are checked
+    /// against [`crate::tls::ENGINE_NAME`]; see [`crate::tls`].
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::TlsFiles>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether connections use TLS.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::TlsFiles>> {
+        self.tls.as_ref()
     }
 
     /// The same pool, with connections leaving from `ip` (`None`: wherever the OS routes
@@ -127,7 +144,15 @@ impl Connections {
                     .connect_timeout(self.connect_timeout)
                     .local_address(self.local_address)
                     .tcp_nodelay(true);
-                let c = ep.connect_lazy();
+                let c = match &self.tls {
+                    None => ep.connect_lazy(),
+                    Some(tls) => ep.connect_with_connector_lazy(crate::tls::connector(
+                        tls.clone(),
+                        addr.to_string(),
+                        self.local_address,
+                        self.connect_timeout,
+                    )),
+                };
                 m.insert(addr.to_string(), c.clone());
                 c
             }
@@ -256,6 +281,8 @@ enum Failure {
     Transport(String),
     /// The replica answered with an error.
     Wire(WireError),
+    /// A certificate did not check out (see [`ClientError::Security`]).
+    Security(String),
 }
 
 impl<S: ServiceApi> RsvcClient<S> {
@@ -333,6 +360,12 @@ impl<S: ServiceApi> RsvcClient<S> {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
                 tracing::debug!(rank, %addr, code = ?status.code(), msg = status.message(), "call failed");
+                if let Some(why) = crate::tls::certificate_problem(&status) {
+                    return Attempt {
+                        rank,
+                        outcome: Err(Failure::Security(format!("rank {rank} at {addr}: {why}"))),
+                    };
+                }
                 return unreachable(format!(
                     "rank {rank} at {addr}: {:?} {}",
                     status.code(),
@@ -418,6 +451,7 @@ impl<S: ServiceApi> RsvcClient<S> {
                 None => {
                     match self.refresh(deadline).await {
                         Err(LocateError::NotFound(what)) => return Err(ClientError::NotFound(what)),
+                        Err(LocateError::Security(why)) => return Err(ClientError::Security(why)),
                         Err(e) => last = format!("replica lookup failed: {e}"),
                         Ok(()) => {}
                     }
@@ -450,6 +484,8 @@ impl<S: ServiceApi> RsvcClient<S> {
                         .map(ClientError::Service)
                         .unwrap_or_else(|e| ClientError::Codec(e.to_string())));
                 }
+                // A certificate problem stays until an operator changes certificates.
+                Err(Failure::Security(why)) => return Err(ClientError::Security(why)),
                 // The retry contract is `WireError::is_retryable`'s.
                 Err(Failure::Wire(e)) if !e.is_retryable() => {
                     return Err(ClientError::Wire(e));
@@ -461,7 +497,7 @@ impl<S: ServiceApi> RsvcClient<S> {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     }
                     let (what, not_leader) = match &f {
-                        Failure::Transport(m) => (m.clone(), false),
+                        Failure::Transport(m) | Failure::Security(m) => (m.clone(), false),
                         Failure::Wire(e) => {
                             (format!("rank {}: {e}", a.rank), matches!(e, WireError::NotLeader))
                         }

@@ -89,6 +89,12 @@ pub enum ClientError<E> {
     /// The reply could not be decoded.
     #[error("bad reply: {0}")]
     Codec(String),
+    /// The TLS handshake with an engine failed on a certificate (an unknown CA, an expired
+    /// certificate, a wrong name, or the engine refused this client's certificate), or the
+    /// engine refused the connection's principal. Retrying cannot help until the certificates
+    /// change.
+    #[error("{0}")]
+    Security(String),
 }
 
 impl<E> ClientError<E> {

@@ -37,6 +37,7 @@ pub mod error;
 pub mod leader;
 pub mod mgmt;
 pub mod status;
+pub mod tls;
 pub mod wire;
 
 pub use api::ServiceApi;

@@ -222,6 +222,10 @@ pub enum MgmtError {
     /// Storage trouble.
     #[error("storage: {0}")]
     Storage(String),
+    /// The caller may not do this: system administration needs an admin principal (a client
+    /// certificate in the admin group), and joining needs the engine certificate of that rank.
+    #[error("permission denied: {0}")]
+    Denied(String),
 }
 
 /// The management service's typed face.
@@ -277,6 +281,7 @@ impl Locator for MgmtLocator {
             Ok(MgmtResponse::Instance(i)) => Ok(i.replicas),
             Ok(other) => Err(LocateError::Unavailable(format!("unexpected answer {other:?}"))),
             Err(ClientError::Service(MgmtError::NotFound(what))) => Err(LocateError::NotFound(what)),
+            Err(ClientError::Security(why)) => Err(LocateError::Security(why)),
             Err(e) => Err(LocateError::Unavailable(e.to_string())),
         }
     }

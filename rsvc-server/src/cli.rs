@@ -54,6 +54,52 @@ pub struct ServeArgs {
     /// Deadline of a raft AppendEntries that carries entries, in ms (`[raft] append_timeout_ms`).
     #[arg(long, env = "RSVC_APPEND_TIMEOUT_MS")]
     pub append_timeout_ms: Option<u64>,
+    /// Mutual TLS: this engine's files. Give all three (or `[tls]` in the config file).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Client certificates whose subject O holds this group may administer the system
+    /// [default: admin].
+    #[arg(long, env = "RSVC_ADMIN_GROUP")]
+    pub admin_group: Option<String>,
+    /// Listen on a non-loopback address without TLS: no authentication, everyone may do
+    /// everything. For trusted networks and tests only.
+    #[arg(long, env = "RSVC_INSECURE")]
+    pub insecure: bool,
+}
+
+/// Where a party's TLS files are: flags, or `RSVC_TLS_*` in the environment.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// The cluster CA certificate (PEM) that every peer's certificate must chain to.
+    #[arg(long, env = "RSVC_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// This party's certificate (PEM). Reloaded when the file changes.
+    #[arg(long, env = "RSVC_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// This party's private key (PEM). Reloaded when the file changes.
+    #[arg(long, env = "RSVC_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The paths, if any were given; an error if only some were.
+    pub fn paths(&self) -> Result<Option<rsvc_client::tls::TlsPaths>, String> {
+        rsvc_client::tls::TlsPaths::from_parts(
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )
+    }
+
+    /// The files, loaded, if any were given.
+    pub fn load(&self) -> Result<Option<Arc<rsvc_client::tls::TlsFiles>>, String> {
+        match self.paths()? {
+            None => Ok(None),
+            Some(p) => Ok(Some(
+                rsvc_client::tls::TlsFiles::load(p).map_err(|e| format!("TLS: {e}"))?,
+            )),
+        }
+    }
 }
 
 /// The engine configuration `args` describe, and where to serve metrics: the file, then the
@@ -81,6 +127,17 @@ pub fn engine_config(args: &ServeArgs) -> Result<(crate::engine::EngineConfig, O
     }
     if args.metrics_listen.is_some() {
         file.metrics_listen = args.metrics_listen;
+    }
+    if let Some(p) = args.tls.paths()? {
+        file.tls.ca = Some(p.ca);
+        file.tls.cert = Some(p.cert);
+        file.tls.key = Some(p.key);
+    }
+    if let Some(g) = &args.admin_group {
+        file.tls.admin_group = g.clone();
+    }
+    if args.insecure {
+        file.insecure = true;
     }
     if args.fast_timers {
         let fast = rdb::DbConfig::fast();
@@ -197,6 +254,9 @@ pub struct Target {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Mutual TLS: this client's files (its certificate names the user and groups).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl Target {
@@ -219,9 +279,12 @@ impl Target {
         }
     }
 
-    /// A connection pool with the default connect timeout.
-    pub fn connections(&self) -> rsvc_client::Connections {
-        rsvc_client::Connections::with_connect_timeout(self.client_config().connect_timeout)
+    /// A connection pool with the default connect timeout, over TLS if `--tls-*` were given.
+    pub fn connections(&self) -> Result<rsvc_client::Connections, String> {
+        Ok(
+            rsvc_client::Connections::with_connect_timeout(self.client_config().connect_timeout)
+                .with_tls(self.tls.load()?),
+        )
     }
 }
 
@@ -237,6 +300,9 @@ pub mod exit {
     pub const NO_SPACE: u8 = 4;
     /// What the command names does not exist: a pool, a container, an attribute, a snapshot.
     pub const NOT_FOUND: u8 = 5;
+    /// The caller's principal may not do this (an ACL, or system administration without an
+    /// admin certificate).
+    pub const DENIED: u8 = 6;
 
     /// The name of an exit code in JSON errors (`"code"`).
     pub fn name(code: u8) -> &'static str {
@@ -247,6 +313,7 @@ pub mod exit {
             UNREACHABLE => "unreachable",
             NO_SPACE => "no_space",
             NOT_FOUND => "not_found",
+            DENIED => "denied",
             _ => "failed",
         }
     }
@@ -262,6 +329,7 @@ pub fn failure<E: std::fmt::Display + std::fmt::Debug>(
     let code = match &e {
         ClientError::Service(inner) => service(inner),
         ClientError::NotFound(_) => exit::NOT_FOUND,
+        ClientError::Security(_) => exit::DENIED,
         ClientError::Wire(WireError::NoHandle | WireError::Stale) => exit::REFUSED,
         ClientError::Wire(WireError::NoSpace) => exit::NO_SPACE,
         ClientError::Wire(WireError::Invalid(_)) | ClientError::Codec(_) => exit::USAGE,
@@ -283,6 +351,7 @@ pub fn mgmt_code(e: &rsvc_client::mgmt::MgmtError) -> u8 {
     match e {
         MgmtError::Invalid(_) => exit::USAGE,
         MgmtError::NotFound(_) => exit::NOT_FOUND,
+        MgmtError::Denied(_) => exit::DENIED,
         _ => exit::REFUSED,
     }
 }

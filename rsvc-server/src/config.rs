@@ -10,6 +10,13 @@
 //! access_points = ["1@host1:7001", "2@host2:7001", "3@host3:7001"]
 //! metrics_listen = "0.0.0.0:9101"   # Prometheus text at /metrics; omit to disable
 //! reconf_after_secs = 30            # move replicas off an engine down this long; 0: never
+//! insecure = false                  # allow a non-loopback listener without TLS
+//!
+//! [tls]                             # mutual TLS; all three files, or none
+//! ca = "/etc/rsvc/ca.crt"
+//! cert = "/etc/rsvc/engine-1.crt"
+//! key = "/etc/rsvc/engine-1.key"
+//! admin_group = "admin"             # client certificates with this O may administer
 //!
 //! [raft]
 //! heartbeat_ms = 50
@@ -70,6 +77,31 @@ impl Default for RaftSection {
     }
 }
 
+/// Mutual TLS as the file spells it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// The cluster CA certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// This engine's certificate (PEM): SAN DNS `rsvc-engine` and `rank<N>.rsvc-engine`.
+    pub cert: Option<PathBuf>,
+    /// This engine's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Client certificates whose subject O holds this group may administer the system.
+    pub admin_group: String,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            ca: None,
+            cert: None,
+            key: None,
+            admin_group: "admin".into(),
+        }
+    }
+}
+
 /// The engine's configuration file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -91,8 +123,12 @@ pub struct FileConfig {
     /// Seconds an engine may be down before the management leader moves its replicas to a
     /// spare engine; 0 turns automatic reconfiguration off.
     pub reconf_after_secs: u64,
+    /// Allow a non-loopback listener without TLS.
+    pub insecure: bool,
     /// rdb tunables.
     pub raft: RaftSection,
+    /// Mutual TLS.
+    pub tls: TlsSection,
 }
 
 impl Default for FileConfig {
@@ -106,7 +142,9 @@ impl Default for FileConfig {
             access_points: Vec::new(),
             metrics_listen: None,
             reconf_after_secs: 30,
+            insecure: false,
             raft: RaftSection::default(),
+            tls: TlsSection::default(),
         }
     }
 }
@@ -170,6 +208,14 @@ impl FileConfig {
         if self.cluster.is_empty() {
             return Err("cluster name must not be empty".into());
         }
+        let t = &self.tls;
+        let tls = match rsvc_client::tls::TlsPaths::from_parts(t.ca.clone(), t.cert.clone(), t.key.clone())? {
+            None => None,
+            Some(paths) => Some(rsvc_client::tls::TlsFiles::load(paths).map_err(|e| format!("TLS: {e}"))?),
+        };
+        if t.admin_group.is_empty() {
+            return Err("admin_group must not be empty".into());
+        }
         Ok(EngineConfig {
             rank,
             listen: self.listen,
@@ -180,6 +226,9 @@ impl FileConfig {
             access_points: access_points?,
             reconf_after: (self.reconf_after_secs > 0).then(|| Duration::from_secs(self.reconf_after_secs)),
             limits: crate::engine::EngineLimits::default(),
+            tls,
+            admin_group: t.admin_group.clone(),
+            insecure: self.insecure,
         })
     }
 }

@@ -300,6 +300,7 @@ impl Host {
         seq: u64,
         acked: u64,
         payload: &[u8],
+        caller: Arc<crate::caller::Caller>,
     ) -> Result<Result<Vec<u8>, Vec<u8>>, WireError> {
         let term = adm.term;
         let mutating = seq > 0 && self.svc.is_mutating(payload)?;
@@ -336,6 +337,7 @@ impl Host {
             tx,
             client_id,
             db: self.db.clone(),
+            caller,
         };
         let result = self.svc.handle(&mut ctx, payload).await?;
         let mut tx = if result.is_ok() {

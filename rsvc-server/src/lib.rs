@@ -39,6 +39,9 @@
 //!   cause needless moves.
 //! - No TLS or authentication between engines or from clients.
 
+pub mod acl;
+pub mod caller;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod counter;
@@ -53,6 +56,7 @@ pub mod service;
 pub mod transport;
 pub mod wire;
 
+pub use caller::Caller;
 pub use engine::{Engine, EngineConfig, EngineError, EngineLimits};
 pub use host::State;
 pub use leader_tasks::{CancellationToken, LeaderTasks};

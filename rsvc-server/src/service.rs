@@ -57,6 +57,10 @@ pub struct Ctx {
     pub client_id: [u8; 16],
     /// The replica's database, for anything beyond the request's own transaction.
     pub db: Db,
+    /// Who called: the principal of the connection's client certificate, or
+    /// [`Caller::insecure`](crate::Caller::insecure) without TLS. Services check their ACLs
+    /// against it.
+    pub caller: Arc<crate::caller::Caller>,
 }
 
 /// A service replicated by rsvc. One value exists per hosted replica of an instance.

@@ -2,7 +2,7 @@
 //! HTTP/2 connection per peer engine.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,12 +14,17 @@ use crate::wire::{self, pb};
 /// Largest raft message (a snapshot chunk plus framing).
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 << 20;
 
+/// How long a connect to a peer (TCP, and TLS if on) may take.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Connections to peer engines.
 pub struct GrpcTransport {
     cluster: String,
     channels: Mutex<HashMap<String, Channel>>,
     /// Where connections to peers leave from (see [`GrpcTransport::new`]).
     local: Option<std::net::IpAddr>,
+    /// Mutual TLS to peers, with this engine's certificate.
+    tls: Option<Arc<rsvc_client::tls::TlsFiles>>,
 }
 
 impl GrpcTransport {
@@ -31,13 +36,22 @@ impl GrpcTransport {
             cluster: cluster.into(),
             channels: Mutex::new(HashMap::new()),
             local,
+            tls: None,
         }
+    }
+
+    /// The same transport, speaking mutual TLS to peers with this engine's certificate.
+    pub fn with_tls(mut self, tls: Option<Arc<rsvc_client::tls::TlsFiles>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// A client connection pool that dials from the same address as the raft traffic, for
     /// the engine's own calls to the management service.
     pub(crate) fn clients(&self) -> rsvc_client::Connections {
-        rsvc_client::Connections::default().with_local_address(self.local)
+        rsvc_client::Connections::default()
+            .with_local_address(self.local)
+            .with_tls(self.tls.clone())
     }
 
     /// The (reused) connection to the engine at `addr`.
@@ -46,12 +60,20 @@ impl GrpcTransport {
         Ok(match m.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(format!("http://{addr}"))
+                let ep = Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| format!("bad peer address {addr}: {e}"))?
-                    .connect_timeout(Duration::from_secs(1))
+                    .connect_timeout(PEER_CONNECT_TIMEOUT)
                     .local_address(self.local)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                    .tcp_nodelay(true);
+                let c = match &self.tls {
+                    None => ep.connect_lazy(),
+                    Some(tls) => ep.connect_with_connector_lazy(rsvc_client::tls::connector(
+                        tls.clone(),
+                        addr.to_string(),
+                        self.local,
+                        PEER_CONNECT_TIMEOUT,
+                    )),
+                };
                 m.insert(addr.to_string(), c.clone());
                 c
             }

@@ -68,9 +68,22 @@ pub struct EngineSystemBuilder {
     access_points: u32,
     factories: Factories,
     config: Arc<dyn Fn(&mut EngineConfig) + Send + Sync>,
+    tls: bool,
 }
 
+/// The users whose client certificates a TLS [`EngineSystem`] makes: `admin` (group `admin`,
+/// so it may administer), `alice` (group `staff`) and `bob` (no group).
+pub const TLS_USERS: [(&str, &[&str]); 3] = [("admin", &["admin"]), ("alice", &["staff"]), ("bob", &[])];
+
 impl EngineSystemBuilder {
+    /// Mutual TLS everywhere: a fresh CA under the system's directory (`certs/`), an engine
+    /// certificate per rank, and client certificates for [`TLS_USERS`]. The kit's own clients
+    /// ([`EngineSystem::mgmt`], [`EngineSystem::connections`]) are `admin`.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// The lowest `n` ranks are access points, which host the management service; the others
     /// join through them. 0 (the default): standalone engines, no management service.
     pub fn access_points(mut self, n: u32) -> Self {
@@ -103,7 +116,19 @@ impl EngineSystemBuilder {
             access_points: self.access_points,
             factories: self.factories,
             config: self.config,
+            tls: self.tls,
         };
+        if self.tls {
+            // Spare ranks too, for engines a test adds later.
+            let mut spec = rsvc_server::certs::CertSpec::new(sys.certs_dir());
+            for rank in 1..=self.n + 4 {
+                spec = spec.rank(rank);
+            }
+            for (user, groups) in TLS_USERS {
+                spec = spec.user(user, groups);
+            }
+            rsvc_server::certs::generate(&spec).expect("test certificates");
+        }
         for rank in 1..=self.n {
             let e = sys.start_engine(rank, "127.0.0.1:0").await;
             if rank <= sys.access_points {
@@ -126,6 +151,7 @@ pub struct EngineSystem {
     access_points: u32,
     factories: Factories,
     config: Arc<dyn Fn(&mut EngineConfig) + Send + Sync>,
+    tls: bool,
     // NB: last, so that the engines' handles go before their directory.
     tmp: TempDir,
 }
@@ -138,7 +164,41 @@ impl EngineSystem {
             access_points: 0,
             factories: Arc::new(|_| Vec::new()),
             config: Arc::new(|_| {}),
+            tls: false,
         }
+    }
+
+    /// Where a TLS system's certificates are (see [`EngineSystemBuilder::tls`]).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.tmp.path().join("certs")
+    }
+
+    /// The TLS files of client `user` (one of [`TLS_USERS`], or one a test generated into
+    /// [`EngineSystem::certs_dir`]).
+    pub fn tls_paths(&self, user: &str) -> rsvc_client::tls::TlsPaths {
+        let dir = self.certs_dir();
+        let (cert, key) = rsvc_server::certs::user_files(&dir, user);
+        rsvc_client::tls::TlsPaths {
+            ca: dir.join("ca.crt"),
+            cert,
+            key,
+        }
+    }
+
+    /// Connections as the kit's own client: `admin` over TLS in a TLS system, plain otherwise.
+    pub fn connections(&self) -> Connections {
+        if self.tls {
+            self.connections_as("admin")
+        } else {
+            Connections::default()
+        }
+    }
+
+    /// Connections over TLS as client `user` (see [`EngineSystem::tls_paths`]).
+    pub fn connections_as(&self, user: &str) -> Connections {
+        let files = rsvc_client::tls::TlsFiles::load(self.tls_paths(user))
+            .unwrap_or_else(|e| panic!("TLS files of {user}: {e}"));
+        Connections::default().with_tls(Some(files))
     }
 
     /// The configuration engine `rank` starts with, listening on `listen`.
@@ -154,6 +214,19 @@ impl EngineSystem {
             access_points: aps,
             ..EngineConfig::for_tests(rank, self.data_dir(rank))
         };
+        if self.tls {
+            let dir = self.certs_dir();
+            let (cert, key) = rsvc_server::certs::engine_files(&dir, rank);
+            let paths = rsvc_client::tls::TlsPaths {
+                ca: dir.join("ca.crt"),
+                cert,
+                key,
+            };
+            cfg.tls = Some(
+                rsvc_client::tls::TlsFiles::load(paths)
+                    .unwrap_or_else(|e| panic!("TLS files of rank {rank}: {e}")),
+            );
+        }
         (self.config)(&mut cfg);
         cfg
     }
@@ -219,7 +292,7 @@ impl EngineSystem {
 
     /// A management client with the kit's deadline.
     pub fn mgmt(&self) -> RsvcClient<MgmtApi> {
-        mgmt_client(self.aps.clone(), Connections::default(), Self::client_config())
+        mgmt_client(self.aps.clone(), self.connections(), Self::client_config())
     }
 
     /// Client settings with the kit's deadline.

@@ -263,7 +263,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
         return Err((exit::USAGE, "--pool LABEL is required".into()));
     };
     let aps = cli.t.access_points().map_err(|e| (exit::USAGE, e))?;
-    let conns = cli.t.connections();
+    let conns = cli.t.connections().map_err(|e| (exit::USAGE, e))?;
     let loc = Arc::new(MgmtLocator::new(aps, conns.clone()));
     let pool = PoolClient::connect(
         &label,

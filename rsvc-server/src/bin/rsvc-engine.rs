@@ -91,7 +91,7 @@ type Fail = (u8, String);
 
 fn counter_client(t: &Target, label: &str) -> Result<RsvcClient<CounterApi>, Fail> {
     let aps = t.access_points().map_err(|e| (exit::USAGE, e))?;
-    let conns = t.connections();
+    let conns = t.connections().map_err(|e| (exit::USAGE, e))?;
     Ok(RsvcClient::new(
         label,
         Arc::new(MgmtLocator::new(aps, conns.clone())),
@@ -102,7 +102,11 @@ fn counter_client(t: &Target, label: &str) -> Result<RsvcClient<CounterApi>, Fai
 
 fn mgmt(t: &Target) -> Result<RsvcClient<rsvc_client::mgmt::MgmtApi>, Fail> {
     let aps = t.access_points().map_err(|e| (exit::USAGE, e))?;
-    Ok(mgmt_client(aps, t.connections(), t.client_config()))
+    Ok(mgmt_client(
+        aps,
+        t.connections().map_err(|e| (exit::USAGE, e))?,
+        t.client_config(),
+    ))
 }
 
 fn counter_fail(e: rsvc_client::ClientError<CounterError>) -> Fail {

@@ -7,6 +7,12 @@
 //! `EngineLimits::max_pending_connections` connections may be waiting for their preface at
 //! once; one accepted beyond that is closed at once. A connection that sent its preface is
 //! left alone (HTTP/2's own flow control and keep-alive take over).
+//!
+//! With TLS, the handshake must finish within the same `preface_timeout`, and at most
+//! `max_pending_connections` handshakes run at once (more wait in the kernel's backlog). The
+//! handshake requires a client certificate from the cluster CA, so a connection that gets past
+//! it is authenticated; its principal ([`Caller`]) is read once and rides on every request as
+//! [`ConnInfo`].
 
 use std::future::Future;
 use std::io;
@@ -18,7 +24,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
+
+use crate::caller::Caller;
 
 /// The length of the HTTP/2 client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 const PREFACE_LEN: usize = 24;
@@ -122,9 +130,133 @@ impl AsyncWrite for Guarded {
     }
 }
 
-impl Connected for Guarded {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
+/// What every request on a connection carries (a request extension): the peer's address and
+/// principal.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnInfo {
+    /// The peer's address.
+    pub(crate) remote: Option<std::net::SocketAddr>,
+    /// Who is calling.
+    pub(crate) caller: Arc<Caller>,
+}
+
+/// The caller of a request: the connection's principal, or, for a request that did not come
+/// through the listener (none do), nobody authenticated.
+pub(crate) fn caller_of<T>(req: &tonic::Request<T>) -> Arc<Caller> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.caller.clone())
+        .unwrap_or_else(|| Arc::new(Caller::insecure()))
+}
+
+/// An accepted connection, plain or TLS.
+pub(crate) enum Conn {
+    /// Plain TCP: every caller is [`Caller::insecure`].
+    Plain(Guarded, ConnInfo),
+    /// Mutual TLS, with the principal of the client's certificate.
+    Tls(Box<tokio_rustls::server::TlsStream<Guarded>>, ConnInfo),
+}
+
+impl Conn {
+    /// A plain connection.
+    pub(crate) fn plain(g: Guarded) -> Conn {
+        let remote = g.inner.peer_addr().ok();
+        Conn::Plain(
+            g,
+            ConnInfo {
+                remote,
+                caller: Arc::new(Caller::insecure()),
+            },
+        )
+    }
+
+    /// Makes the TLS handshake (within `timeout`) and reads the principal of the client's
+    /// certificate; `Err` says why the connection is refused.
+    pub(crate) async fn tls(
+        g: Guarded,
+        config: Arc<rustls::ServerConfig>,
+        timeout: Duration,
+        admin_group: &str,
+    ) -> Result<Conn, String> {
+        let remote = g.inner.peer_addr().ok();
+        let who = remote.map_or("?".to_string(), |r| r.to_string());
+        let s = match tokio::time::timeout(timeout, tokio_rustls::TlsAcceptor::from(config).accept(g)).await {
+            Err(_) => return Err(format!("{who}: no TLS handshake within {timeout:?}")),
+            Ok(Err(e)) => return Err(format!("{who}: TLS handshake failed: {e}")),
+            Ok(Ok(s)) => s,
+        };
+        let cert = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| format!("{who}: no client certificate"))?;
+        let caller = Caller::from_cert(cert, admin_group).map_err(|e| format!("{who}: {e}"))?;
+        Ok(Conn::Tls(
+            Box::new(s),
+            ConnInfo {
+                remote,
+                caller: Arc::new(caller),
+            },
+        ))
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut *$self {
+            Conn::Plain($s, _) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Conn::Tls($s, _) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Plain(_, i) | Conn::Tls(_, i) => i.clone(),
+        }
     }
 }

@@ -16,6 +16,7 @@
 
 mod join;
 mod listener;
+pub(crate) use listener::{caller_of, ConnInfo};
 mod registry;
 mod replicas;
 
@@ -127,6 +128,16 @@ pub struct EngineConfig {
     pub reconf_after: Option<std::time::Duration>,
     /// Timeouts and bounds.
     pub limits: EngineLimits,
+    /// Mutual TLS on the listener and towards peers: every connection must present a
+    /// certificate from the cluster CA (see [`rsvc_client::tls`]). `None`: plain TCP, where
+    /// nobody is authenticated and every caller may do everything.
+    pub tls: Option<Arc<rsvc_client::tls::TlsFiles>>,
+    /// Members of this group (a client certificate's subject O) may administer the system:
+    /// create and destroy pools, change replicas, evict, dictate (`admin`).
+    pub admin_group: String,
+    /// Allows listening on a non-loopback address without TLS; without it, [`Engine::start`]
+    /// refuses to (anyone who reached the port could do anything).
+    pub insecure: bool,
 }
 
 impl Default for EngineConfig {
@@ -144,6 +155,9 @@ impl Default for EngineConfig {
             access_points: Vec::new(),
             reconf_after: Some(Duration::from_secs(30)),
             limits: EngineLimits::default(),
+            tls: None,
+            admin_group: "admin".into(),
+            insecure: false,
         }
     }
 }
@@ -227,6 +241,8 @@ pub(crate) struct Inner {
     pub(crate) probe: Arc<SharedFsProbe>,
     pub(crate) transport: Arc<GrpcTransport>,
     pub(crate) limits: EngineLimits,
+    pub(crate) tls: Option<Arc<rsvc_client::tls::TlsFiles>>,
+    pub(crate) admin_group: String,
     pub(crate) factories: HashMap<String, Arc<dyn ServiceFactory>>,
     pub(crate) hosts: RwLock<Registry>,
     pub(crate) stopping: AtomicBool,
@@ -284,6 +300,14 @@ impl Engine {
         cfg: EngineConfig,
         factories: Vec<Arc<dyn ServiceFactory>>,
     ) -> Result<Engine, EngineError> {
+        if cfg.tls.is_none() && !cfg.listen.ip().is_loopback() && !cfg.insecure {
+            return Err(EngineError::Invalid(format!(
+                "refusing to listen on {} without TLS: anyone who reaches the port could do \
+                 anything. Give a CA, certificate and key (--tls-ca, --tls-cert, --tls-key; \
+                 `pool-svc certs` makes a set), or --insecure to run without authentication",
+                cfg.listen
+            )));
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
         let bound = listener.local_addr()?;
         let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
@@ -291,7 +315,7 @@ impl Engine {
         let lock = lock_data_dir(&cfg.data_dir)?;
         let (shutdown, _) = watch::channel(false);
         let source = Some(bound.ip()).filter(|ip| !ip.is_unspecified());
-        let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone(), source));
+        let transport = Arc::new(GrpcTransport::new(cfg.cluster.clone(), source).with_tls(cfg.tls.clone()));
         let access_points: Vec<(u32, String)> = cfg
             .access_points
             .iter()
@@ -319,6 +343,8 @@ impl Engine {
             probe: Arc::new(SharedFsProbe::new(cfg.data_dir.clone(), cfg.db.free_space_cache)),
             transport,
             limits: cfg.limits.clone(),
+            tls: cfg.tls.clone(),
+            admin_group: cfg.admin_group.clone(),
             factories: factories
                 .into_iter()
                 .map(|f| (f.class().to_string(), f))
@@ -341,9 +367,12 @@ impl Engine {
         let rsvc = cpb::rsvc_server::RsvcServer::new(crate::rpc::client::RsvcSvc(engine.clone()))
             .max_decoding_message_size(cwire::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(cwire::MAX_MESSAGE_BYTES);
-        let peer = pb::peer_server::PeerServer::new(crate::rpc::peer::PeerSvc(engine.clone()))
-            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        let peer = tonic::service::interceptor::InterceptedService::new(
+            pb::peer_server::PeerServer::new(crate::rpc::peer::PeerSvc(engine.clone()))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES),
+            crate::rpc::peer::only_engines,
+        );
         // The standard gRPC health service: "" is SERVING while the engine runs.
         let (health, health_svc) = tonic_health::server::health_reporter();
         health
@@ -354,6 +383,8 @@ impl Engine {
             use futures::StreamExt;
             let pending = listener::Pending::default();
             let limits = engine.inner.limits.clone();
+            let (tls, admin_group) = (engine.inner.tls.clone(), engine.inner.admin_group.clone());
+            let handshake_timeout = limits.preface_timeout;
             tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .filter_map(move |r| {
@@ -372,6 +403,30 @@ impl Engine {
                     };
                     std::future::ready(admitted)
                 })
+                // TLS handshakes run side by side, at most as many as may wait for a preface.
+                .map(move |r| {
+                    let (tls, admin_group) = (tls.clone(), admin_group.clone());
+                    async move {
+                        let g = match r {
+                            Ok(g) => g,
+                            Err(e) => return Some(Err(e)),
+                        };
+                        let Some(tls) = tls else {
+                            return Some(Ok(listener::Conn::plain(g)));
+                        };
+                        match listener::Conn::tls(g, tls.server_config(), handshake_timeout, &admin_group)
+                            .await
+                        {
+                            Ok(c) => Some(Ok(c)),
+                            Err(why) => {
+                                tracing::warn!(cause = %why, "refused a connection");
+                                None
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(engine.inner.limits.max_pending_connections.max(1))
+                .filter_map(std::future::ready)
         };
         let per_connection = engine.inner.limits.requests_per_connection;
         tokio::spawn(async move {

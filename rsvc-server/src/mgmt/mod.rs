@@ -148,6 +148,7 @@ impl ReplicatedService for Mgmt {
     }
 
     async fn handle(&self, ctx: &mut Ctx, req: MgmtRequest) -> Result<MgmtResponse, MgmtError> {
+        authorize(&ctx.caller, &req)?;
         match req {
             MgmtRequest::Join {
                 rank,
@@ -192,5 +193,39 @@ impl ReplicatedService for Mgmt {
             MgmtRequest::ListInstances { class } => MgmtInner::list(&mut ctx.tx, class.as_deref()).await,
             MgmtRequest::DescribeSelf => MgmtInner::describe_self(ctx).await,
         }
+    }
+}
+
+/// Whether `caller` may make `req`: reads are open to every authenticated caller; system
+/// administration needs an admin; a join needs the engine certificate of the joining rank.
+/// Without TLS every caller passes (see [`crate::caller`]).
+fn authorize(caller: &crate::Caller, req: &MgmtRequest) -> Result<(), MgmtError> {
+    let what = match req {
+        MgmtRequest::Join { rank, .. } => {
+            return match caller.engine {
+                _ if !caller.authenticated => Ok(()),
+                Some(r) if r == *rank => Ok(()),
+                _ => Err(MgmtError::Denied(format!(
+                    "{caller} may not join as rank {rank}: that needs the engine certificate of rank {rank}"
+                ))),
+            };
+        }
+        MgmtRequest::SystemMap
+        | MgmtRequest::Locate { .. }
+        | MgmtRequest::ListInstances { .. }
+        | MgmtRequest::DescribeSelf => return Ok(()),
+        MgmtRequest::CreateInstance { .. } => "create an instance",
+        MgmtRequest::DestroyInstance { .. } => "destroy an instance",
+        MgmtRequest::TransferLeader { .. } => "transfer leadership",
+        MgmtRequest::AddReplica { .. } => "add a replica",
+        MgmtRequest::RemoveReplica { .. } => "remove a replica",
+        MgmtRequest::Dictate { .. } => "dictate",
+    };
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(MgmtError::Denied(format!(
+            "{caller} may not {what}: system administration needs a certificate in the admin group"
+        )))
     }
 }

@@ -36,7 +36,7 @@ impl Engine {
         }
     }
 
-    async fn call(&self, req: cpb::CallRequest) -> cpb::CallReply {
+    async fn call(&self, req: cpb::CallRequest, caller: std::sync::Arc<crate::Caller>) -> cpb::CallReply {
         let err = |e: WireError, hint: Option<cpb::Hint>| cpb::CallReply {
             hint,
             result: Some(cpb::call_reply::Result::Error(cpb::WireError::from(&e))),
@@ -74,7 +74,7 @@ impl Engine {
         tracing::debug!(class = %req.class, instance = %req.instance, seq = req.seq, "request");
         let t = std::time::Instant::now();
         let res = host
-            .handle(&adm, client_id, req.seq, req.acked, &req.payload)
+            .handle(&adm, client_id, req.seq, req.acked, &req.payload, caller)
             .await;
         host.stats
             .latency_us_sum
@@ -104,7 +104,8 @@ pub(crate) struct RsvcSvc(pub(crate) Engine);
 #[tonic::async_trait]
 impl cpb::rsvc_server::Rsvc for RsvcSvc {
     async fn call(&self, req: Request<cpb::CallRequest>) -> Result<Response<cpb::CallReply>, Status> {
-        Ok(Response::new(self.0.call(req.into_inner()).await))
+        let caller = crate::engine::caller_of(&req);
+        Ok(Response::new(self.0.call(req.into_inner(), caller).await))
     }
 
     async fn status(&self, req: Request<cpb::StatusRequest>) -> Result<Response<cpb::StatusReply>, Status> {

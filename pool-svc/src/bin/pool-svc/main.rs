@@ -1,5 +1,5 @@
-//! `pool-svc`: run engines hosting the management and pool services, administer pools, and
-//! watch a failover (`pool-svc demo`).
+//! `pool-svc`: run engines hosting the management and pool services, make their TLS
+//! certificates (`pool-svc certs`), administer pools, and watch a failover (`pool-svc demo`).
 //!
 //! Exit codes: 0 success, 1 the service refused (exists, no handle, ...), 2 bad usage or
 //! configuration, 3 nothing reachable within the deadline, 4 out of space, 5 no such pool,
@@ -17,6 +17,7 @@ use rsvc_client::{ClientError, Connections, RsvcClient};
 use rsvc_server::cli::{exit, failure, mgmt_code, parse_label, Logging, ServeArgs, Target};
 use serde::Serialize;
 
+mod certs;
 mod demo;
 
 #[derive(Parser, Debug)]
@@ -30,6 +31,13 @@ struct Cli {
 enum Cmd {
     /// Runs an engine hosting the management, pool and container services.
     Serve(Box<ServeArgs>),
+    /// Makes a development CA and mutual TLS certificates for engines and clients in one step.
+    ///
+    /// Writes ca.crt and ca.key into --out (unless both exist: then they sign, so that an
+    /// engine or a user can be added later), engine-<RANK>.crt and .key per rank, and
+    /// <USER>.crt and .key per user. For development and tests: the CA's key stays on disk,
+    /// and nothing can be revoked.
+    Certs(certs::CertsArgs),
     /// System-wide views.
     System {
         #[command(subcommand)]
@@ -239,13 +247,13 @@ fn usage(e: String) -> Fail {
 fn mgmt(t: &Target) -> Result<RsvcClient<MgmtApi>, Fail> {
     Ok(mgmt_client(
         t.access_points().map_err(usage)?,
-        t.connections(),
+        t.connections().map_err(usage)?,
         t.client_config(),
     ))
 }
 
 fn pool_rpc(t: &Target, label: &str) -> Result<RsvcClient<PoolApi>, Fail> {
-    let conns = t.connections();
+    let conns = t.connections().map_err(usage)?;
     let loc = Arc::new(MgmtLocator::new(t.access_points().map_err(usage)?, conns.clone()));
     Ok(RsvcClient::new(label, loc, conns, t.client_config()))
 }
@@ -360,7 +368,7 @@ async fn replica_rows(t: &Target, label: &str, only: Option<u32>) -> Result<Vec<
         ));
     }
     // All at once: a paused engine costs the command one timeout, not one each.
-    let conns = t.connections();
+    let conns = t.connections().map_err(usage)?;
     let asks = targets.into_iter().map(|(rank, addr)| {
         let conns = &conns;
         async move {
@@ -438,6 +446,7 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             .await
             .map_err(usage),
         Cmd::Demo(args) => demo::run(args).await.map_err(|e| Fail(1, e)),
+        Cmd::Certs(args) => certs::run(args).map_err(usage),
         Cmd::System {
             cmd: SystemCmd::Wait { t, ranks },
         } => {
@@ -646,7 +655,7 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
             Ok(())
         }
         PoolCmd::Connect { t, label } => {
-            let conns = t.connections();
+            let conns = t.connections().map_err(usage)?;
             let loc = Arc::new(MgmtLocator::new(t.access_points().map_err(usage)?, conns.clone()));
             let p = PoolClient::connect(
                 &label,

@@ -1,0 +1,212 @@
+//! Mutual TLS over real TCP: engines join and replicate over TLS; a client is known by its
+//! certificate, and refused, with an error that says why, when the certificate is from another
+//! CA, has expired, or is a client's where an engine's is needed, or when its principal may
+//! not administer. A renewed certificate file is picked up without a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rsvc_client::mgmt::{mgmt_client, MgmtError, MgmtLocator, MgmtRequest, MgmtResponse};
+use rsvc_client::tls::{TlsFiles, TlsPaths};
+use rsvc_client::{ClientConfig, ClientError, Connections, RsvcClient};
+use rsvc_server::certs::{self, CertSpec};
+use rsvc_server::counter::{Counter, CounterApi, CounterRequest, CounterResponse};
+use rsvc_server::{FnFactory, ServiceFactory};
+use rsvc_tests::kit::{self, EngineSystem};
+
+fn factories() -> Vec<Arc<dyn ServiceFactory>> {
+    vec![Arc::new(FnFactory::new(|_: &str| Counter))]
+}
+
+async fn tls_system(n: u32) -> EngineSystem {
+    kit::init_tracing("rsvc_server=info,rsvc_client=info,rdb=warn,openraft=error");
+    EngineSystem::builder(n)
+        .access_points(n.min(3))
+        .factories(|_| factories())
+        .tls()
+        .start()
+        .await
+}
+
+/// A short deadline: refusals must come at once, not at the end of the deadline.
+fn quick() -> ClientConfig {
+    ClientConfig {
+        deadline: Duration::from_secs(5),
+        ..ClientConfig::default()
+    }
+}
+
+fn counter(sys: &EngineSystem, conns: Connections, label: &str) -> RsvcClient<CounterApi> {
+    let loc = Arc::new(MgmtLocator::new(sys.access_points(), conns.clone()));
+    RsvcClient::new(label, loc, conns, quick())
+}
+
+/// Creates counter `label` with a replica on every engine.
+async fn create(
+    sys: &EngineSystem,
+    conns: Connections,
+    label: &str,
+) -> Result<MgmtResponse, ClientError<MgmtError>> {
+    mgmt_client(sys.access_points(), conns, quick())
+        .call(&MgmtRequest::CreateInstance {
+            class: "counter".into(),
+            label: label.into(),
+            replicas: sys.engines().count() as u32,
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_replicate_over_tls_and_only_admins_administer() {
+    let sys = tls_system(3).await;
+    // An admin creates; the instance replicates over TLS between the engines.
+    create(&sys, sys.connections(), "c1")
+        .await
+        .expect("admin creates");
+    let alice = sys.connections_as("alice");
+    let c = counter(&sys, alice.clone(), "c1");
+    let r = c
+        .call(&CounterRequest::Add {
+            name: "n".into(),
+            delta: 2,
+        })
+        .await
+        .expect("alice uses the instance");
+    assert_eq!(r, CounterResponse::Value(2));
+    // A non-admin may read the directory, not change it.
+    let map = mgmt_client(sys.access_points(), alice.clone(), quick())
+        .call(&MgmtRequest::SystemMap)
+        .await;
+    assert!(map.is_ok(), "{map:?}");
+    match create(&sys, alice, "c2").await {
+        Err(ClientError::Service(MgmtError::Denied(why))) => {
+            assert!(why.contains("alice") && why.contains("admin"), "{why}")
+        }
+        other => panic!("alice created an instance: {other:?}"),
+    }
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_cannot_speak_for_an_engine() {
+    let sys = tls_system(1).await;
+    let files = TlsFiles::load(sys.tls_paths("admin")).unwrap();
+    let addr = sys.engine(1).addr().to_string();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(rsvc_client::tls::connector(
+            files,
+            addr,
+            None,
+            Duration::from_secs(5),
+        ))
+        .await
+        .expect("the TLS handshake itself succeeds: the certificate is the cluster's");
+    let mut peer = rsvc_server::wire::pb::peer_client::PeerClient::new(ch);
+    let status = peer
+        .identify(rsvc_server::wire::pb::IdentifyRequest::default())
+        .await
+        .expect_err("a client certificate may not make peer calls, even an admin's");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("engine certificate"), "{status:?}");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_another_ca_or_expired_ones_are_refused_with_the_reason() {
+    let sys = tls_system(1).await;
+    create(&sys, sys.connections(), "c").await.expect("admin creates");
+
+    // Another CA: this client cannot verify the engine (and the engine would not take it).
+    let foreign = sys.dir().join("foreign");
+    certs::generate(&CertSpec::new(&foreign).user("mallory", &["admin"])).unwrap();
+    let (cert, key) = certs::user_files(&foreign, "mallory");
+    let paths = TlsPaths {
+        ca: foreign.join("ca.crt"),
+        cert,
+        key,
+    };
+    let conns = Connections::default().with_tls(Some(TlsFiles::load(paths).unwrap()));
+    let t = std::time::Instant::now();
+    match counter(&sys, conns, "c")
+        .call(&CounterRequest::Get { name: "n".into() })
+        .await
+    {
+        Err(ClientError::Security(why)) => assert!(why.contains("not signed by this client's CA"), "{why}"),
+        other => panic!("a foreign CA's client got {other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "a certificate error is final, not retried"
+    );
+
+    // The cluster's CA, but the client certificate has expired: the engine refuses it.
+    certs::generate(&CertSpec {
+        expired: true,
+        ..CertSpec::new(sys.certs_dir()).user("old", &[])
+    })
+    .unwrap();
+    let conns = Connections::default().with_tls(Some(TlsFiles::load(sys.tls_paths("old")).unwrap()));
+    match counter(&sys, conns, "c")
+        .call(&CounterRequest::Get { name: "n".into() })
+        .await
+    {
+        Err(ClientError::Security(why)) => assert!(why.contains("expired"), "{why}"),
+        other => panic!("an expired client certificate got {other:?}"),
+    }
+
+    // No TLS at all against a TLS engine: refused, and nothing leaks.
+    let plain = counter(&sys, Connections::default(), "c")
+        .call(&CounterRequest::Get { name: "n".into() })
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_engine_certificate_is_picked_up_without_a_restart() {
+    let sys = tls_system(1).await;
+    create(&sys, sys.connections(), "c").await.expect("admin creates");
+    // The engine's certificate is replaced by an expired one (a botched renewal): new
+    // connections see it at once, though the engine never restarted.
+    certs::generate(&CertSpec {
+        expired: true,
+        force: true,
+        ..CertSpec::new(sys.certs_dir()).rank(1)
+    })
+    .unwrap();
+    kit::wait_until(
+        "new connections to see the expired engine certificate",
+        || async {
+            // A fresh pool, so a fresh connection.
+            match counter(&sys, sys.connections(), "c")
+                .call(&CounterRequest::Get { name: "n".into() })
+                .await
+            {
+                Err(ClientError::Security(why)) if why.contains("expired") => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    // A good renewal: served again, still without a restart.
+    certs::generate(&CertSpec {
+        force: true,
+        ..CertSpec::new(sys.certs_dir()).rank(1)
+    })
+    .unwrap();
+    kit::wait_until(
+        "new connections to see the renewed engine certificate",
+        || async {
+            counter(&sys, sys.connections(), "c")
+                .call(&CounterRequest::Add {
+                    name: "n".into(),
+                    delta: 1,
+                })
+                .await
+                .ok()
+        },
+    )
+    .await;
+    sys.shutdown().await;
+}
