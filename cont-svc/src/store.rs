@@ -97,6 +97,41 @@ async fn live_meta(tx: &mut Tx, label: &str) -> Result<(ContMeta, Vec<u8>), Cont
     Ok((m, raw))
 }
 
+/// The container property naming its owner (a user), set at create to the creator.
+pub const OWNER_PROP: &str = "owner";
+/// The container property naming its owner group, set at create to the creator's first group.
+pub const GROUP_PROP: &str = "owner_group";
+/// The container property holding its ACL (DAOS syntax, see `rsvc_server::acl`).
+pub const ACL_PROP: &str = "acl";
+
+/// A container's owner, owner group and ACL text as its properties hold them (empty where
+/// unset).
+pub async fn access_props(tx: &mut Tx, label: &str) -> Result<(String, String, Option<String>), ContError> {
+    live_meta(tx, label).await?;
+    let props = cont(label).child("props");
+    let owner = lookup_string(tx, &props, OWNER_PROP).await?;
+    let group = lookup_string(tx, &props, GROUP_PROP).await?;
+    let acl = tx.lookup(&props, ACL_PROP.as_bytes()).await.map_err(storage)?;
+    Ok((
+        owner.unwrap_or_default(),
+        group.unwrap_or_default(),
+        acl.map(|b| String::from_utf8_lossy(&b).into_owned()),
+    ))
+}
+
+async fn lookup_string(tx: &mut Tx, path: &Path, name: &str) -> Result<Option<String>, ContError> {
+    Ok(tx
+        .lookup(path, name.as_bytes())
+        .await
+        .map_err(storage)?
+        .map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// The label of the container that container handle `h` belongs to.
+pub async fn label_of(tx: &mut Tx, h: &Handle) -> Result<String, ContError> {
+    by_handle(tx, h).await
+}
+
 /// Finds the container a container handle belongs to.
 async fn by_handle(tx: &mut Tx, h: &Handle) -> Result<String, ContError> {
     for (label, _) in tx.iterate(&conts(), .., usize::MAX).await.map_err(storage)? {

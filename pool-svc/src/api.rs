@@ -224,6 +224,10 @@ pub enum PoolError {
     /// Storage trouble.
     #[error("storage: {0}")]
     Storage(String),
+    /// The caller's principal may not do this: the pool's or container's ACL does not grant
+    /// it, the handle is read-only, or it needs the owner or an admin.
+    #[error("permission denied: {0}")]
+    Denied(String),
 }
 
 /// The pool service's typed face.

@@ -372,6 +372,7 @@ pub fn pool_code(e: &PoolError) -> u8 {
     use rsvc_server::cli::exit;
     match e {
         PoolError::Invalid(_) | PoolError::Cont(ContError::Invalid(_)) => exit::USAGE,
+        PoolError::Denied(_) => exit::DENIED,
         PoolError::Cont(ContError::NotFound(_) | ContError::NoSnapshot(_)) => exit::NOT_FOUND,
         _ => exit::REFUSED,
     }

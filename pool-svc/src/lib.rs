@@ -15,8 +15,9 @@
 //!
 //! - Leases are measured by the leader's clock only. A new leader restarts every lease at full
 //!   length, so a client that died just before a failover keeps its handle up to two TTLs.
-//! - ACLs are plain properties; nothing enforces them.
+//! - ACLs are enforced only with TLS on: without it nobody is authenticated (see [`access`]).
 
+pub mod access;
 pub mod api;
 pub mod client;
 pub mod service;

@@ -21,6 +21,9 @@ use rdb::{Db, KeyClass, Path, Tx, Value};
 use rsvc_server::{Ctx, LeaderTasks, ReplicatedService, ServiceError, StepUp};
 use serde::{Deserialize, Serialize};
 
+use rsvc_server::acl::{Acl, Rights};
+
+use crate::access::{self, Access, Grant};
 use crate::api::{AttrOp, HandleInfo, PoolApi, PoolError, PoolInfo, PoolRequest, PoolResponse};
 
 /// The most ops one [`PoolRequest::AttrTxn`] may carry: one transaction is one log entry.
@@ -44,6 +47,35 @@ fn handles() -> Path {
 struct HandleRec {
     client: String,
     ttl_ms: u64,
+    /// Who connected and what it was granted.
+    grant: Grant,
+}
+
+/// A handle as persisted before grants: full rights, usable by anyone holding it.
+#[derive(Deserialize)]
+struct HandleRecV0 {
+    client: String,
+    ttl_ms: u64,
+}
+
+impl HandleRec {
+    fn decode(b: &[u8]) -> Result<HandleRec, PoolError> {
+        match postcard::from_bytes::<HandleRec>(b) {
+            Ok(r) => Ok(r),
+            Err(e) => match postcard::from_bytes::<HandleRecV0>(b) {
+                Ok(v0) => Ok(HandleRec {
+                    client: v0.client,
+                    ttl_ms: v0.ttl_ms,
+                    grant: Grant {
+                        user: String::new(),
+                        groups: Vec::new(),
+                        rights: Rights::ALL,
+                    },
+                }),
+                Err(_) => Err(storage(e)),
+            },
+        }
+    }
 }
 
 fn storage(e: impl std::fmt::Display) -> PoolError {
@@ -91,14 +123,14 @@ impl PoolService {
         if !self.lease_ok(h) {
             return Err(PoolError::NoHandle);
         }
-        postcard::from_bytes(&rec).map_err(storage)
+        HandleRec::decode(&rec)
     }
 
     async fn all_handles(tx: &mut Tx) -> Result<Vec<(Handle, HandleRec)>, PoolError> {
         let mut out = Vec::new();
         for (k, v) in tx.iterate(&handles(), .., usize::MAX).await.map_err(storage)? {
             if let (Ok(h), Value::Bytes(b)) = (<Handle>::try_from(k.as_slice()), v) {
-                out.push((h, postcard::from_bytes(&b).map_err(storage)?));
+                out.push((h, HandleRec::decode(&b)?));
             }
         }
         Ok(out)
@@ -108,6 +140,38 @@ impl PoolService {
     async fn drop_handle(tx: &mut Tx, h: &Handle) -> Result<(), PoolError> {
         tx.delete(&handles(), h.to_vec());
         cstore::close_handles_of(tx, h).await.map_err(PoolError::Cont)?;
+        Ok(())
+    }
+
+    /// Re-checks every open handle against the access properties about to be set (in the
+    /// same transaction): a handle whose principal may no longer read is closed, one that lost
+    /// write keeps read only.
+    async fn regrant(&self, tx: &mut Tx, after: &Access) -> Result<(), PoolError> {
+        let mut closed = Vec::new();
+        for (h, mut rec) in Self::all_handles(tx).await? {
+            let now = rec.grant.under(after);
+            if now == rec.grant.rights {
+                continue;
+            }
+            if !now.read {
+                Self::drop_handle(tx, &h).await?;
+                closed.push(h);
+            } else {
+                rec.grant.rights = now;
+                tx.update(
+                    &handles(),
+                    h.to_vec(),
+                    postcard::to_allocvec(&rec).map_err(storage)?,
+                );
+            }
+        }
+        if !closed.is_empty() {
+            tracing::info!(pool = %self.label, closed = closed.len(), "closed handles that lost their rights");
+            let mut l = self.leases.lock().expect("lock");
+            for h in &closed {
+                l.remove(h);
+            }
+        }
         Ok(())
     }
 
@@ -154,9 +218,12 @@ impl ReplicatedService for PoolService {
         tx.create_kvs(&root, "props", KeyClass::Lexical);
         tx.create_kvs(&root, "attrs", KeyClass::Lexical);
         tx.create_kvs(&root, "handles", KeyClass::Lexical);
+        let acl = Acl::default_pool().to_string();
         for (k, v) in [
             ("label", self.label.as_str()),
-            ("owner", "root"),
+            (access::OWNER_PROP, access::DEFAULT_OWNER),
+            (access::GROUP_PROP, access::DEFAULT_GROUP),
+            (access::ACL_PROP, acl.as_str()),
             ("redun_fac", "1"),
             ("map_version", "1"),
         ] {
@@ -204,7 +271,17 @@ impl ReplicatedService for PoolService {
     }
 
     async fn handle(&self, ctx: &mut Ctx, req: PoolRequest) -> Result<PoolResponse, PoolError> {
+        let caller = ctx.caller.clone();
         let tx = &mut ctx.tx;
+        // Without TLS nobody is authenticated: skip the reads the checks would need.
+        let granted = match access::pool_need(&req) {
+            Some((need, what)) if caller.authenticated => {
+                let rights = access::pool_access(tx, &props()).await?.rights(&caller);
+                access::need(&caller, rights, need, what)?;
+                rights
+            }
+            _ => Rights::ALL,
+        };
         match req {
             PoolRequest::Connect { client, ttl_ms } => {
                 let ttl = Duration::from_millis(ttl_ms);
@@ -214,7 +291,11 @@ impl ReplicatedService for PoolService {
                     )));
                 }
                 let h: Handle = rand::random();
-                let rec = HandleRec { client, ttl_ms };
+                let rec = HandleRec {
+                    client,
+                    ttl_ms,
+                    grant: Grant::of(&caller, granted),
+                };
                 tx.update(
                     &handles(),
                     h.to_vec(),
@@ -229,10 +310,15 @@ impl ReplicatedService for PoolService {
                 Ok(PoolResponse::Connected { handle: h, ttl_ms })
             }
             PoolRequest::Disconnect { handle } => {
-                tx.lookup(&handles(), &handle)
+                let rec = tx
+                    .lookup(&handles(), &handle)
                     .await
                     .map_err(storage)?
                     .ok_or(PoolError::NoHandle)?;
+                // Another principal's handle is no handle of the caller's.
+                if !HandleRec::decode(&rec)?.grant.usable_by(&caller) && !caller.admin {
+                    return Err(PoolError::NoHandle);
+                }
                 Self::drop_handle(tx, &handle).await?;
                 self.leases.lock().expect("lock").remove(&handle);
                 Ok(PoolResponse::Ok)
@@ -289,6 +375,22 @@ impl ReplicatedService for PoolService {
                     return Err(PoolError::Invalid(
                         "map_version is maintained by the service".into(),
                     ));
+                }
+                let before = access::pool_access(tx, &props()).await?;
+                if !before.owned_by(&caller) {
+                    return Err(PoolError::Denied(format!(
+                        "{caller} may not set pool properties: that needs the pool's owner ({:?}) or an admin",
+                        before.owner
+                    )));
+                }
+                if access::is_access_prop(&name) {
+                    let mut after = before.clone();
+                    match name.as_str() {
+                        access::OWNER_PROP => after.owner = value.clone(),
+                        access::GROUP_PROP => after.group = value.clone(),
+                        _ => after.acl = access::parse_acl(&value)?,
+                    }
+                    self.regrant(tx, &after).await?;
                 }
                 let mv = tx.lookup(&props(), b"map_version").await.map_err(storage)?;
                 let next = mv
@@ -353,6 +455,11 @@ impl ReplicatedService for PoolService {
                 Ok(PoolResponse::Ok)
             }
             PoolRequest::Evict => {
+                if !caller.admin {
+                    return Err(PoolError::Denied(format!(
+                        "{caller} may not evict: that needs a certificate in the admin group"
+                    )));
+                }
                 let all = Self::all_handles(tx).await?;
                 for (h, _) in &all {
                     Self::drop_handle(tx, h).await?;
@@ -371,8 +478,38 @@ impl ReplicatedService for PoolService {
                     })
                     .collect(),
             )),
-            PoolRequest::Cont { handle, req } => {
-                self.check_handle(tx, &handle).await?;
+            PoolRequest::Cont { handle, mut req } => {
+                let rec = self.check_handle(tx, &handle).await?;
+                if !rec.grant.usable_by(&caller) {
+                    return Err(PoolError::NoHandle);
+                }
+                match &mut req {
+                    ContRequest::Create { props, .. } => {
+                        access::need(&caller, rec.grant.rights, Rights::WRITE, "create a container")?;
+                        access::initial_cont_props(&caller, props)?;
+                    }
+                    ContRequest::Destroy { .. } => {
+                        access::need(&caller, rec.grant.rights, Rights::WRITE, "destroy a container")?
+                    }
+                    _ => {}
+                }
+                if caller.authenticated {
+                    if let Some((label, need, what)) = access::cont_target(tx, &req).await? {
+                        let a = access::cont_access(tx, &label).await?;
+                        if let ContRequest::PropSet { name, value, .. } = &req {
+                            if cont_svc::store::ACL_PROP == name {
+                                access::parse_acl(value)?;
+                            }
+                            if access::is_access_prop(name) && !a.owned_by(&caller) {
+                                return Err(PoolError::Denied(format!(
+                                    "{caller} may not change who may use container {label:?}: that needs its owner ({:?}) or an admin",
+                                    a.owner
+                                )));
+                            }
+                        }
+                        access::need(&caller, a.rights(&caller), need, what)?;
+                    }
+                }
                 if let ContRequest::Destroy { label, force } = req {
                     // Phase one commits on its own, so that a crash between the phases leaves a
                     // container that refuses every use until a retried destroy finishes it.
