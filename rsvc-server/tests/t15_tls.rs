@@ -109,6 +109,40 @@ async fn a_client_certificate_cannot_speak_for_an_engine() {
         .expect_err("a client certificate may not make peer calls, even an admin's");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("engine certificate"), "{status:?}");
+
+    // An engine certificate speaks for its own rank only.
+    let (cert, key) = rsvc_server::certs::engine_files(&sys.certs_dir(), 5);
+    let paths = TlsPaths {
+        ca: sys.certs_dir().join("ca.crt"),
+        cert,
+        key,
+    };
+    let addr = sys.engine(1).addr().to_string();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(rsvc_client::tls::connector(
+            TlsFiles::load(paths).unwrap(),
+            addr,
+            None,
+            Duration::from_secs(5),
+        ))
+        .await
+        .unwrap();
+    let mut peer = rsvc_server::wire::pb::peer_client::PeerClient::new(ch);
+    let r = |rank| Some(rsvc_server::wire::pb::ReplicaRef { rank, gen: 1 });
+    let status = peer
+        .raft(rsvc_server::wire::pb::RaftMessage {
+            cluster: sys.engine(1).cluster().to_string(),
+            db: vec![0; 16],
+            from: r(1),
+            to: r(1),
+            kind: 0,
+            ..Default::default()
+        })
+        .await
+        .expect_err("rank 5's certificate may not send rank 1's messages");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("names rank 5"), "{status:?}");
     sys.shutdown().await;
 }
 
@@ -209,4 +243,21 @@ async fn a_renewed_engine_certificate_is_picked_up_without_a_restart() {
     )
     .await;
     sys.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_listener_without_tls_needs_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = rsvc_server::EngineConfig::for_tests(1, dir.path().join("e"));
+    cfg.listen = "0.0.0.0:0".parse().unwrap();
+    let err = rsvc_server::Engine::start(cfg.clone(), factories())
+        .await
+        .err()
+        .expect("plain TCP on every interface is refused");
+    assert!(err.to_string().contains("--insecure"), "{err}");
+    cfg.insecure = true;
+    let e = rsvc_server::Engine::start(cfg, factories())
+        .await
+        .expect("--insecure allows it");
+    e.shutdown().await;
 }

@@ -32,6 +32,7 @@ pub(crate) fn only_engines(req: Request<()>) -> Result<Request<()>, Status> {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerSvc {
     async fn raft(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftReply>, Status> {
+        let sender = crate::engine::caller_of(&req);
         let m = req.into_inner();
         let refuse = |why: String| {
             Ok(Response::new(pb::RaftReply {
@@ -48,6 +49,21 @@ impl pb::peer_server::Peer for PeerSvc {
             Ok(r) => r,
             Err(e) => return refuse(format!("malformed: {e}")),
         };
+        // An engine speaks for its own rank only: a compromised engine cannot pose as
+        // another replica of a group.
+        if let Some(rank) = sender.engine {
+            if rpc.from.rank != rank {
+                tracing::warn!(
+                    cert_rank = rank,
+                    claimed = rpc.from.rank,
+                    "refused a raft message sent in another rank's name"
+                );
+                return Err(Status::permission_denied(format!(
+                    "the certificate names rank {rank}, the message claims rank {}",
+                    rpc.from.rank
+                )));
+            }
+        }
         let host = self.0.host_of_db(&rpc.db);
         let Some(host) = host else {
             return refuse(format!("no replica of db {} here", rpc.db));

@@ -87,6 +87,8 @@ enum PoolCmd {
         /// How many service replicas, on distinct engines.
         #[arg(long, default_value_t = 3)]
         replicas: u32,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Lists pools.
     List {
@@ -159,6 +161,62 @@ enum PoolCmd {
         #[arg(long, visible_alias = "pool", value_parser = parse_label)]
         label: String,
     },
+    /// Shows who may use a pool: its owner, owner group and ACL.
+    GetAcl {
+        #[command(flatten)]
+        t: Target,
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
+        label: String,
+    },
+    /// Changes who may use a pool (needs its owner or an admin). Open handles are checked
+    /// again at once: one that lost read is closed, one that lost write keeps read.
+    SetAcl {
+        #[command(flatten)]
+        t: Target,
+        /// The pool's label (`--pool` works too, as in cont-svc).
+        #[arg(long, visible_alias = "pool", value_parser = parse_label)]
+        label: String,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+}
+
+/// Who may use a pool. Without TLS nobody is authenticated and these are not enforced.
+#[derive(clap::Args, Debug, Clone)]
+struct AccessArgs {
+    /// The pool's owner: a user, as a client certificate's CN names it (default: root).
+    #[arg(long)]
+    owner: Option<String>,
+    /// The pool's owner group, as a client certificate's O names it (default: admin).
+    #[arg(long)]
+    group: Option<String>,
+    /// The whole ACL, DAOS syntax, entries separated by commas: `A::OWNER@:rw,A:G:GROUP@:r,
+    /// A::alice@:rw,A:G:staff@:r,A::EVERYONE@:r` (default: `A::OWNER@:rw,A:G:GROUP@:rw`).
+    #[arg(long, value_parser = parse_acl)]
+    acl: Option<String>,
+}
+
+impl AccessArgs {
+    /// The properties to set, in order.
+    fn props(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(o) = &self.owner {
+            out.push((pool_svc::access::OWNER_PROP, o.clone()));
+        }
+        if let Some(g) = &self.group {
+            out.push((pool_svc::access::GROUP_PROP, g.clone()));
+        }
+        if let Some(a) = &self.acl {
+            out.push((pool_svc::access::ACL_PROP, a.clone()));
+        }
+        out
+    }
+}
+
+/// Checks an ACL before anything is sent, and gives it back in its normal form.
+fn parse_acl(s: &str) -> Result<String, String> {
+    s.parse::<rsvc_server::acl::Acl>().map(|a| a.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -250,6 +308,22 @@ fn mgmt(t: &Target) -> Result<RsvcClient<MgmtApi>, Fail> {
         t.connections().map_err(usage)?,
         t.client_config(),
     ))
+}
+
+/// Sets pool properties one by one (each a replicated transaction).
+async fn set_props(t: &Target, label: &str, props: Vec<(&'static str, String)>) -> Result<(), Fail> {
+    if props.is_empty() {
+        return Ok(());
+    }
+    let rpc = pool_rpc(t, label)?;
+    for (name, value) in props {
+        rpc.call(&PoolRequest::PropSet {
+            name: name.into(),
+            value,
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 fn pool_rpc(t: &Target, label: &str) -> Result<RsvcClient<PoolApi>, Fail> {
@@ -574,14 +648,22 @@ async fn run(cli: Cli) -> Result<(), Fail> {
 
 async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
     match cmd {
-        PoolCmd::Create { t, label, replicas } => {
+        PoolCmd::Create {
+            t,
+            label,
+            replicas,
+            access,
+        } => {
             let r = mgmt(&t)?
                 .call(&MgmtRequest::CreateInstance {
                     class: "pool".into(),
-                    label,
+                    label: label.clone(),
                     replicas,
                 })
                 .await?;
+            // NB: not atomic with the create; until these land, the default ACL (owner root,
+            // group admin) keeps everyone else out.
+            set_props(&t, &label, access.props()).await?;
             if let (true, MgmtResponse::Instance(i)) = (t.json, &r) {
                 print_json(&instance_json(i));
             } else if let MgmtResponse::Instance(i) = r {
@@ -741,6 +823,48 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
             } else {
                 let term = term.map(|t| format!(" in term {t}")).unwrap_or_default();
                 println!("pool {label} is led by rank {r}{term}");
+            }
+            Ok(())
+        }
+        PoolCmd::GetAcl { t, label } => {
+            let PoolResponse::Props(props) = pool_rpc(&t, &label)?.call(&PoolRequest::PropGet).await? else {
+                return Err(Fail(2, "unexpected answer".into()));
+            };
+            let get = |n: &str| {
+                props
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let (owner, group) = (
+                get(pool_svc::access::OWNER_PROP),
+                get(pool_svc::access::GROUP_PROP),
+            );
+            let acl: rsvc_server::acl::Acl = get(pool_svc::access::ACL_PROP).parse().unwrap_or_default();
+            if t.json {
+                let entries: Vec<String> = acl.entries().iter().map(|e| e.to_string()).collect();
+                print_json(
+                    &serde_json::json!({ "pool": label, "owner": owner, "owner_group": group, "acl": entries }),
+                );
+            } else {
+                println!("# owner: {owner}\n# owner group: {group}\n{acl:#}");
+            }
+            Ok(())
+        }
+        PoolCmd::SetAcl { t, label, access } => {
+            let props = access.props();
+            if props.is_empty() {
+                return Err(Fail(
+                    exit::USAGE,
+                    "nothing to set: give --acl, --owner or --group".into(),
+                ));
+            }
+            set_props(&t, &label, props).await?;
+            if t.json {
+                print_json(&serde_json::json!({ "pool": label, "set": true }));
+            } else {
+                println!("updated who may use pool {label}");
             }
             Ok(())
         }
