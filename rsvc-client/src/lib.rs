@@ -25,6 +25,12 @@
 //! outstanding call), which lets the engine forget the results the client no longer needs
 //! (the client sessions of the Raft dissertation, 6.3).
 //!
+//! ## SECURITY
+//!
+//! [`Connections::with_tls`] speaks mutual TLS ([`tls`]): engines are checked against the name
+//! every engine certificate carries, and a certificate failure ends a call at once with
+//! [`ClientError::Security`] instead of being retried until the deadline.
+//!
 //! ## CAVEATS
 //!
 //! - A client silent for longer than the engine keeps its records (300 s) is forgotten: a

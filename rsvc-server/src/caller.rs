@@ -4,7 +4,7 @@
 //! cluster CA, and the listener turns it into a [`Caller`] once, at the handshake. A client
 //! certificate names a user (its subject's common name) and groups (its subject's organization
 //! entries), as Kubernetes and etcd read them. An engine certificate also carries the DNS
-//! names [`rsvc_client::tls::ENGINE_NAME`] and `rank<N>.`[`ENGINE_NAME`](rsvc_client::tls::ENGINE_NAME):
+//! names [`ENGINE_NAME`] and `rank<N>.`[`ENGINE_NAME`]:
 //! only such a connection may send raft messages or replica lifecycle calls.
 //!
 //! Without TLS nobody is authenticated, so nothing can be authorized: every caller is

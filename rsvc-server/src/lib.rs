@@ -24,6 +24,15 @@
 //! twice (DAOS svc_ops). A client may have many calls in flight at once: the engine keeps a
 //! result per outstanding sequence number until the client acknowledges it. See [`host`].
 //!
+//! ## SECURITY
+//!
+//! With mutual TLS on ([`EngineConfig::tls`]), every connection presents a certificate from
+//! the cluster CA, and the listener reads its principal ([`Caller`]) once, at the handshake.
+//! Peer calls need an engine certificate, and a raft message must come from the rank its
+//! certificate names; system administration needs the admin group; services check their own
+//! ACLs against `Ctx::caller` (pool-svc does, with [`acl`]). [`certs`] makes a development
+//! PKI.
+//!
 //! ## CAVEATS
 //!
 //! - Graceful stop hands each led instance to its most caught-up voter (rdb's TimeoutNow
@@ -37,7 +46,10 @@
 //!   its replicas move to a spare engine, one change per instance per round. Without a spare
 //!   the instance runs with fewer replicas until an operator adds one. A flapping engine can
 //!   cause needless moves.
-//! - No TLS or authentication between engines or from clients.
+//! - Without TLS nobody is authenticated and every caller may do everything; an engine
+//!   refuses a non-loopback listener without TLS unless told `insecure`. With TLS, see
+//!   [`caller`] and docs/security.md: no revocation lists, and the metrics listener stays
+//!   plain HTTP.
 
 pub mod acl;
 pub mod caller;
