@@ -66,7 +66,8 @@ impl TlsPaths {
                 .map(|(f, _)| f)
                 .collect();
                 Err(format!(
-                    "TLS needs a CA, a certificate and a key; {} missing",
+                    "TLS needs a CA, a certificate and a key (flags --tls-ca, --tls-cert and \
+                     --tls-key, or ca, cert and key under [tls] in the config file); {} missing",
                     missing.join(" and ")
                 ))
             }
@@ -418,6 +419,9 @@ fn explain(e: &rustls::Error) -> String {
             C::UnknownIssuer => "the engine's certificate is not signed by this client's CA (--tls-ca)",
             C::NotValidForName | C::NotValidForNameContext { .. } => {
                 "the engine's certificate does not name an rsvc engine (SAN DNS rsvc-engine)"
+            }
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                "the engine's certificate is not an engine certificate (no server authentication usage)"
             }
             C::BadSignature => "the engine's certificate has a bad signature",
             _ => "the engine's certificate was rejected",

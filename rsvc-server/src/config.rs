@@ -266,6 +266,18 @@ mod tests {
             .engine_config()
             .unwrap_err()
             .contains("rank is required"));
+        let partial: FileConfig =
+            toml::from_str("rank = 1\n[tls]\nca = \"/x/ca.crt\"\ncert = \"/x/e.crt\"").unwrap();
+        let e = partial.engine_config().unwrap_err();
+        assert!(e.contains("--tls-key missing"), "{e}");
+        let absent: FileConfig = toml::from_str(
+            "rank = 1\n[tls]\nca = \"/nonexistent/ca.crt\"\ncert = \"/x/e.crt\"\nkey = \"/x/e.key\"",
+        )
+        .unwrap();
+        let e = absent.engine_config().unwrap_err();
+        assert!(e.contains("/nonexistent/ca.crt"), "{e}");
+        let insecure: FileConfig = toml::from_str("rank = 1\ninsecure = true").unwrap();
+        assert!(insecure.engine_config().unwrap().insecure);
         assert!(parse_access_point("x@a:1").is_err());
         assert!(parse_access_point("1-a:1").is_err());
         assert!(parse_access_point("1@nohostport").is_err());

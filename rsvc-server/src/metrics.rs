@@ -125,6 +125,14 @@ pub fn render(engine: &Engine) -> String {
         rows(&|h| u8::from(h.db.status().stopped.is_some()).to_string()),
         &v,
     );
+    let (handshakes, peer_calls) = engine.security_refusals();
+    let _ = writeln!(
+        out,
+        "# HELP rsvc_tls_handshakes_refused_total connections refused at the TLS handshake (no certificate, another CA, expired, too slow)\n\
+         # TYPE rsvc_tls_handshakes_refused_total counter\nrsvc_tls_handshakes_refused_total {handshakes}\n\
+         # HELP rsvc_peer_calls_refused_total peer calls refused because the certificate is not an engine's\n\
+         # TYPE rsvc_peer_calls_refused_total counter\nrsvc_peer_calls_refused_total {peer_calls}"
+    );
     out
 }
 

@@ -109,6 +109,7 @@ async fn a_client_certificate_cannot_speak_for_an_engine() {
         .expect_err("a client certificate may not make peer calls, even an admin's");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("engine certificate"), "{status:?}");
+    assert_eq!(sys.engine(1).security_refusals().1, 1, "counted for the metrics");
 
     // An engine certificate speaks for its own rank only.
     let (cert, key) = rsvc_server::certs::engine_files(&sys.certs_dir(), 5);
@@ -194,6 +195,8 @@ async fn certificates_of_another_ca_or_expired_ones_are_refused_with_the_reason(
         .call(&CounterRequest::Get { name: "n".into() })
         .await;
     assert!(plain.is_err(), "{plain:?}");
+    let (handshakes, _) = sys.engine(1).security_refusals();
+    assert!(handshakes >= 3, "refused handshakes are counted: {handshakes}");
     sys.shutdown().await;
 }
 
@@ -259,5 +262,41 @@ async fn a_non_loopback_listener_without_tls_needs_insecure() {
     let e = rsvc_server::Engine::start(cfg, factories())
         .await
         .expect("--insecure allows it");
+    e.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_serving_a_certificate_without_the_engine_name_is_refused_by_clients() {
+    kit::init_tracing("rsvc_server=info,rsvc_client=info,rdb=warn,openraft=error");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    certs::generate(
+        &CertSpec::new(&certs)
+            .user("alice", &["staff"])
+            .user("admin", &["admin"]),
+    )
+    .unwrap();
+    let files = |user: &str| {
+        let (cert, key) = certs::user_files(&certs, user);
+        TlsFiles::load(TlsPaths {
+            ca: certs.join("ca.crt"),
+            cert,
+            key,
+        })
+        .unwrap()
+    };
+    // A misconfigured engine: alice's client certificate as its own.
+    let mut cfg = rsvc_server::EngineConfig::for_tests(1, dir.path().join("e"));
+    cfg.tls = Some(files("alice"));
+    let e = rsvc_server::Engine::start(cfg, factories()).await.unwrap();
+    let conns = Connections::default().with_tls(Some(files("admin")));
+    let loc = Arc::new(rsvc_client::StaticLocator(vec![(1, e.addr().to_string())]));
+    let c: RsvcClient<CounterApi> = RsvcClient::new("x", loc, conns, quick());
+    match c.call(&CounterRequest::Get { name: "n".into() }).await {
+        Err(ClientError::Security(why)) => {
+            assert!(why.contains("not an engine certificate"), "{why}")
+        }
+        other => panic!("a client trusted an engine without the engine name: {other:?}"),
+    }
     e.shutdown().await;
 }

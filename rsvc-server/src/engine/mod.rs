@@ -243,6 +243,10 @@ pub(crate) struct Inner {
     pub(crate) limits: EngineLimits,
     pub(crate) tls: Option<Arc<rsvc_client::tls::TlsFiles>>,
     pub(crate) admin_group: String,
+    /// Connections whose TLS handshake failed (no certificate, another CA, expired, timed out).
+    pub(crate) handshakes_refused: Arc<std::sync::atomic::AtomicU64>,
+    /// Peer calls refused because the connection's certificate is not an engine's.
+    pub(crate) peer_calls_refused: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) factories: HashMap<String, Arc<dyn ServiceFactory>>,
     pub(crate) hosts: RwLock<Registry>,
     pub(crate) stopping: AtomicBool,
@@ -345,6 +349,8 @@ impl Engine {
             limits: cfg.limits.clone(),
             tls: cfg.tls.clone(),
             admin_group: cfg.admin_group.clone(),
+            handshakes_refused: Arc::default(),
+            peer_calls_refused: Arc::default(),
             factories: factories
                 .into_iter()
                 .map(|f| (f.class().to_string(), f))
@@ -371,7 +377,10 @@ impl Engine {
             pb::peer_server::PeerServer::new(crate::rpc::peer::PeerSvc(engine.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES),
-            crate::rpc::peer::only_engines,
+            {
+                let refused = engine.inner.peer_calls_refused.clone();
+                move |req| crate::rpc::peer::only_engines(req, &refused)
+            },
         );
         // The standard gRPC health service: "" is SERVING while the engine runs.
         let (health, health_svc) = tonic_health::server::health_reporter();
@@ -384,6 +393,7 @@ impl Engine {
             let pending = listener::Pending::default();
             let limits = engine.inner.limits.clone();
             let (tls, admin_group) = (engine.inner.tls.clone(), engine.inner.admin_group.clone());
+            let refused = engine.inner.handshakes_refused.clone();
             let handshake_timeout = limits.preface_timeout;
             tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
@@ -405,7 +415,7 @@ impl Engine {
                 })
                 // TLS handshakes run side by side, at most as many as may wait for a preface.
                 .map(move |r| {
-                    let (tls, admin_group) = (tls.clone(), admin_group.clone());
+                    let (tls, admin_group, refused) = (tls.clone(), admin_group.clone(), refused.clone());
                     async move {
                         let g = match r {
                             Ok(g) => g,
@@ -419,6 +429,7 @@ impl Engine {
                         {
                             Ok(c) => Some(Ok(c)),
                             Err(why) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
                                 tracing::warn!(cause = %why, "refused a connection");
                                 None
                             }
@@ -494,6 +505,15 @@ impl Engine {
     /// The address peers and clients reach this engine at.
     pub fn addr(&self) -> &str {
         &self.inner.addr
+    }
+
+    /// Connections refused at the TLS handshake, and peer calls refused because the caller's
+    /// certificate is not an engine's, since start.
+    pub fn security_refusals(&self) -> (u64, u64) {
+        (
+            self.inner.handshakes_refused.load(Ordering::Relaxed),
+            self.inner.peer_calls_refused.load(Ordering::Relaxed),
+        )
     }
 
     /// Stops the engine: every led instance is handed to a caught-up peer (or, failing that,

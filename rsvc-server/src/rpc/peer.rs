@@ -16,9 +16,13 @@ pub(crate) struct PeerSvc(pub(crate) Engine);
 /// Admits a peer call only over a connection whose certificate is an engine's (with TLS on;
 /// without it nobody is authenticated). Whatever the payload says, a client certificate cannot
 /// send raft messages or start, stop or dictate replicas.
-pub(crate) fn only_engines(req: Request<()>) -> Result<Request<()>, Status> {
+pub(crate) fn only_engines(
+    req: Request<()>,
+    refused: &std::sync::atomic::AtomicU64,
+) -> Result<Request<()>, Status> {
     if let Some(ci) = req.extensions().get::<ConnInfo>() {
         if ci.caller.authenticated && ci.caller.engine.is_none() {
+            refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(caller = %ci.caller, remote = ?ci.remote, "refused a peer call from a non-engine");
             return Err(Status::permission_denied(format!(
                 "{} is not an engine of this cluster: peer calls need an engine certificate",
