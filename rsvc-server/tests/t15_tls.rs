@@ -300,3 +300,44 @@ async fn an_engine_serving_a_certificate_without_the_engine_name_is_refused_by_c
     }
     e.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_whose_handshakes_keep_failing_is_cut_off_before_any_tls_work() {
+    let sys = tls_system(1).await;
+    create(&sys, sys.connections(), "c").await.expect("admin creates");
+    let foreign = sys.dir().join("foreign");
+    certs::generate(&CertSpec::new(&foreign).user("mallory", &[])).unwrap();
+    let (cert, key) = certs::user_files(&foreign, "mallory");
+    let mallory = TlsFiles::load(TlsPaths {
+        ca: foreign.join("ca.crt"),
+        cert,
+        key,
+    })
+    .unwrap();
+    let addr = sys.engine(1).addr().to_string();
+    let limit = rsvc_server::EngineLimits::default().handshake_failures.0;
+    // From 127.0.0.3: every attempt fails; once the limit is reached within the window, the
+    // engine closes the connection before the handshake, so the client never sees a
+    // certificate at all.
+    let here = Some("127.0.0.3".parse().unwrap());
+    let (mut handshakes, mut cut) = (0, 0);
+    for _ in 0..(limit * 3) {
+        match mallory.connect(&addr, here, Duration::from_secs(5)).await {
+            Ok(_) => panic!("a foreign certificate got through"),
+            Err(e) if rsvc_client::tls::certificate_problem(&e).is_some() => handshakes += 1,
+            Err(_) => cut += 1,
+        }
+    }
+    assert!(handshakes <= limit + 2, "{handshakes} handshakes were made, the limit is {limit}");
+    assert!(cut > 0, "nothing was cut off");
+    // Another address is served meanwhile.
+    let conns = sys.connections_as("alice").with_local_address(Some("127.0.0.2".parse().unwrap()));
+    counter(&sys, conns, "c")
+        .call(&CounterRequest::Add {
+            name: "n".into(),
+            delta: 1,
+        })
+        .await
+        .expect("a client on another address is not affected");
+    sys.shutdown().await;
+}

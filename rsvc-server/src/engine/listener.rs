@@ -13,9 +13,18 @@
 //! handshake requires a client certificate from the cluster CA, so a connection that gets past
 //! it is authenticated; its principal ([`Caller`]) is read once and rides on every request as
 //! [`ConnInfo`].
+//!
+//! A full TLS handshake costs the engine a key exchange and a signature, so a flood of
+//! handshakes that fail (another CA's certificate, none at all) is a cheap attack on its CPU.
+//! [`HandshakeFailures`] counts such failures (those that got as far as the engine's signature;
+//! plain text or a stalled handshake costs nothing) per source address: an address that fails
+//! more than `EngineLimits::handshake_failures` allows within its window has its new
+//! connections closed on arrival, before any TLS work, until the window passes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -130,6 +139,54 @@ impl AsyncWrite for Guarded {
     }
 }
 
+/// Failed TLS handshakes per source address (see the module docs).
+pub(crate) struct HandshakeFailures {
+    seen: std::sync::Mutex<HashMap<IpAddr, (std::time::Instant, u32)>>,
+    limit: u32,
+    window: Duration,
+}
+
+/// Addresses tracked at most; beyond it, windows that ended are forgotten first.
+const MAX_TRACKED: usize = 4096;
+
+impl HandshakeFailures {
+    /// Allows `limit` failures per `window` from one address.
+    pub(crate) fn new(limit: u32, window: Duration) -> Self {
+        HandshakeFailures {
+            seen: std::sync::Mutex::default(),
+            limit,
+            window,
+        }
+    }
+
+    /// Whether new connections from `ip` are closed on arrival now.
+    pub(crate) fn blocked(&self, ip: IpAddr, now: std::time::Instant) -> bool {
+        let seen = self.seen.lock().expect("lock");
+        seen.get(&ip)
+            .is_some_and(|(start, n)| now.duration_since(*start) < self.window && *n >= self.limit)
+    }
+
+    /// Counts a failed handshake from `ip`.
+    pub(crate) fn failed(&self, ip: IpAddr, now: std::time::Instant) {
+        let mut seen = self.seen.lock().expect("lock");
+        if seen.len() >= MAX_TRACKED && !seen.contains_key(&ip) {
+            let window = self.window;
+            seen.retain(|_, (start, _)| now.duration_since(*start) < window);
+            if seen.len() >= MAX_TRACKED {
+                // Still full of live windows: the oldest goes.
+                if let Some(oldest) = seen.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| *k) {
+                    seen.remove(&oldest);
+                }
+            }
+        }
+        let e = seen.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= self.window {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
 /// What every request on a connection carries (a request extension): the peer's address and
 /// principal.
 #[derive(Clone, Debug)]
@@ -147,6 +204,15 @@ pub(crate) fn caller_of<T>(req: &tonic::Request<T>) -> Arc<Caller> {
         .get::<ConnInfo>()
         .map(|c| c.caller.clone())
         .unwrap_or_else(|| Arc::new(Caller::insecure()))
+}
+
+/// Why a TLS connection was refused, and whether its handshake went as far as the engine's
+/// signature (what a handshake flood costs; see [`HandshakeFailures`]).
+pub(crate) struct Refused {
+    /// Why, with the peer's address.
+    pub(crate) why: String,
+    /// Whether the handshake cost the engine its key exchange and signature.
+    pub(crate) costly: bool,
 }
 
 /// An accepted connection, plain or TLS.
@@ -170,6 +236,11 @@ impl Conn {
         )
     }
 
+    /// The address `g` comes from.
+    pub(crate) fn remote(g: &Guarded) -> Option<std::net::SocketAddr> {
+        g.inner.peer_addr().ok()
+    }
+
     /// Makes the TLS handshake (within `timeout`) and reads the principal of the client's
     /// certificate; `Err` says why the connection is refused.
     pub(crate) async fn tls(
@@ -177,12 +248,31 @@ impl Conn {
         config: Arc<rustls::ServerConfig>,
         timeout: Duration,
         admin_group: &str,
-    ) -> Result<Conn, String> {
-        let remote = g.inner.peer_addr().ok();
+    ) -> Result<Conn, Refused> {
+        let remote = Self::remote(&g);
         let who = remote.map_or("?".to_string(), |r| r.to_string());
+        let cheap = |why: String| Refused { why, costly: false };
         let s = match tokio::time::timeout(timeout, tokio_rustls::TlsAcceptor::from(config).accept(g)).await {
-            Err(_) => return Err(format!("{who}: no TLS handshake within {timeout:?}")),
-            Ok(Err(e)) => return Err(format!("{who}: TLS handshake failed: {e}")),
+            Err(_) => return Err(cheap(format!("{who}: no TLS handshake within {timeout:?}"))),
+            Ok(Err(e)) => {
+                // Past the engine's own signature: the peer's certificate was refused, or the
+                // peer refused the engine's.
+                let costly = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            rustls::Error::InvalidCertificate(_)
+                                | rustls::Error::NoCertificatesPresented
+                                | rustls::Error::AlertReceived(_)
+                        )
+                    });
+                return Err(Refused {
+                    why: format!("{who}: TLS handshake failed: {e}"),
+                    costly,
+                });
+            }
             Ok(Ok(s)) => s,
         };
         let cert = s
@@ -190,8 +280,8 @@ impl Conn {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .ok_or_else(|| format!("{who}: no client certificate"))?;
-        let caller = Caller::from_cert(cert, admin_group).map_err(|e| format!("{who}: {e}"))?;
+            .ok_or_else(|| cheap(format!("{who}: no client certificate")))?;
+        let caller = Caller::from_cert(cert, admin_group).map_err(|e| cheap(format!("{who}: {e}")))?;
         Ok(Conn::Tls(
             Box::new(s),
             ConnInfo {
@@ -258,5 +348,52 @@ impl Connected for Conn {
         match self {
             Conn::Plain(_, i) | Conn::Tls(_, i) => i.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn an_address_that_fails_too_often_is_blocked_until_its_window_passes() {
+        let f = HandshakeFailures::new(3, Duration::from_secs(1));
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert!(!f.blocked(a, t0), "not after {i} failures");
+            f.failed(a, t0 + Duration::from_millis(i * 100));
+        }
+        assert!(f.blocked(a, t0 + Duration::from_millis(500)));
+        assert!(
+            !f.blocked(b, t0 + Duration::from_millis(500)),
+            "another address is not"
+        );
+        assert!(
+            !f.blocked(a, t0 + Duration::from_millis(1001)),
+            "the window passed"
+        );
+        // A new window starts from nothing.
+        f.failed(a, t0 + Duration::from_millis(1100));
+        assert!(!f.blocked(a, t0 + Duration::from_millis(1200)));
+    }
+
+    #[test]
+    fn the_table_stays_bounded() {
+        let f = HandshakeFailures::new(1, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 + 100) {
+            f.failed(
+                IpAddr::from(i.to_be_bytes()),
+                t0 + Duration::from_micros(i as u64),
+            );
+        }
+        assert!(f.seen.lock().unwrap().len() <= MAX_TRACKED);
+        // The newest address is tracked (and blocked: one failure allowed per minute).
+        assert!(f.blocked(
+            IpAddr::from((MAX_TRACKED as u32 + 99).to_be_bytes()),
+            t0 + Duration::from_secs(1)
+        ));
     }
 }

@@ -67,6 +67,10 @@ pub struct EngineLimits {
     pub preface_timeout: Duration,
     /// Connections that may wait for their preface at once; one more is closed at once (512).
     pub max_pending_connections: usize,
+    /// With TLS: failed handshakes allowed from one source address per window (20 per 1 s);
+    /// beyond them its new connections are closed on arrival until the window passes, so
+    /// that a flood of handshakes cannot take the engine's CPU.
+    pub handshake_failures: (u32, Duration),
     /// Management leader: how long a joining engine may take to answer `Identify` (2 s).
     pub join_identify_timeout: Duration,
     /// Management leader: pause between rounds of asking an instance's replicas which one
@@ -95,6 +99,7 @@ impl Default for EngineLimits {
             requests_per_connection: 256,
             preface_timeout: Duration::from_secs(10),
             max_pending_connections: 512,
+            handshake_failures: (20, Duration::from_secs(1)),
             join_identify_timeout: Duration::from_secs(2),
             change_retry: Duration::from_millis(100),
             lost_after: Duration::from_secs(2),
@@ -394,6 +399,10 @@ impl Engine {
             let limits = engine.inner.limits.clone();
             let (tls, admin_group) = (engine.inner.tls.clone(), engine.inner.admin_group.clone());
             let refused = engine.inner.handshakes_refused.clone();
+            let failures = Arc::new(listener::HandshakeFailures::new(
+                limits.handshake_failures.0,
+                limits.handshake_failures.1,
+            ));
             let handshake_timeout = limits.preface_timeout;
             tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
@@ -415,7 +424,12 @@ impl Engine {
                 })
                 // TLS handshakes run side by side, at most as many as may wait for a preface.
                 .map(move |r| {
-                    let (tls, admin_group, refused) = (tls.clone(), admin_group.clone(), refused.clone());
+                    let (tls, admin_group, refused, failures) = (
+                        tls.clone(),
+                        admin_group.clone(),
+                        refused.clone(),
+                        failures.clone(),
+                    );
                     async move {
                         let g = match r {
                             Ok(g) => g,
@@ -424,13 +438,25 @@ impl Engine {
                         let Some(tls) = tls else {
                             return Some(Ok(listener::Conn::plain(g)));
                         };
+                        let ip = listener::Conn::remote(&g).map(|a| a.ip());
+                        if ip.is_some_and(|ip| failures.blocked(ip, std::time::Instant::now())) {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(
+                                ?ip,
+                                "closed a connection from an address whose handshakes keep failing"
+                            );
+                            return None;
+                        }
                         match listener::Conn::tls(g, tls.server_config(), handshake_timeout, &admin_group)
                             .await
                         {
                             Ok(c) => Some(Ok(c)),
-                            Err(why) => {
+                            Err(r) => {
                                 refused.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(cause = %why, "refused a connection");
+                                if let (Some(ip), true) = (ip, r.costly) {
+                                    failures.failed(ip, std::time::Instant::now());
+                                }
+                                tracing::warn!(cause = %r.why, "refused a connection");
                                 None
                             }
                         }
