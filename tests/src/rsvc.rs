@@ -2,6 +2,11 @@
 //!
 //! Every engine is an access point with a fixed port (found once, kept across restarts) and a
 //! TOML file of its own, so that a restarted engine comes back exactly as it was.
+//!
+//! With [`Spec::tls`], the engines speak mutual TLS: the harness makes a CA and certificates
+//! (`rsvc_server::certs`) under the system's directory, names them in each engine's `[tls]`
+//! section, and its own clients are the admin user; [`RsvcSystem::connections_as`] and
+//! [`RsvcSystem::tls_flags`] give the other users' clients, in process or as a command line.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,12 +16,14 @@ use std::time::Duration;
 
 use pool_svc::PoolApi;
 use rsvc_client::mgmt::{mgmt_client, MgmtApi, MgmtLocator, MgmtRequest};
+use rsvc_client::tls::{TlsFiles, TlsPaths};
 use rsvc_client::wire::pb;
 use rsvc_client::{ClientConfig, Connections, ReplicaStatus, RsvcClient};
 use rustix::process::Signal;
 use tokio::process::Command;
 
 use crate::faultnet::{engine_ip, FaultNet};
+use crate::kit::TLS_USERS;
 use crate::proc::Proc;
 use crate::{free_port, free_port_on, wait_for, DEADLINE};
 
@@ -97,6 +104,10 @@ pub struct Spec {
     /// Put a [`FaultNet`] proxy in front of every engine (engine `r` on `127.0.1.r`), so that
     /// the harness can cut and delay the links between them.
     pub proxied: bool,
+    /// Mutual TLS: a CA and certificates under `<dir>/certs` (engines `1..=engines`, the
+    /// users of [`TLS_USERS`]: `admin` in group `admin`, `alice` in `staff`, `bob` in none), a
+    /// `[tls]` section in every engine's file, and the system's own clients as `admin`.
+    pub tls: bool,
 }
 
 impl Spec {
@@ -109,6 +120,7 @@ impl Spec {
             timers,
             raft_extra: String::new(),
             proxied: false,
+            tls: false,
         }
     }
 }
@@ -143,6 +155,9 @@ pub struct RsvcSystem {
     pub timers: Timers,
     /// The proxies between the engines, if the spec asked for them.
     pub net: Option<FaultNet>,
+    /// Where the certificates are, in a TLS system.
+    certs: Option<PathBuf>,
+    /// The system's own connections: plain, or over TLS as `admin`.
     conns: Connections,
 }
 
@@ -182,6 +197,21 @@ impl RsvcSystem {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let certs = spec.tls.then(|| dir.join("certs"));
+        if let Some(certs) = &certs {
+            // NB: `force`, so that a start again (a port was taken) or a directory used before
+            // signs new certificates with the CA already there instead of failing on them.
+            let mut cs = rsvc_server::certs::CertSpec::new(certs);
+            cs.force = true;
+            for rank in 1..=spec.engines {
+                cs = cs.rank(rank);
+            }
+            for (user, groups) in TLS_USERS {
+                cs = cs.user(user, groups);
+            }
+            rsvc_server::certs::generate(&cs)
+                .map_err(|e| format!("certificates in {}: {e}", certs.display()))?;
+        }
         let mut addrs = Vec::new();
         let mut metrics = BTreeMap::new();
         // With proxies: where each engine really listens (the advertised address is its proxy).
@@ -215,10 +245,22 @@ impl RsvcSystem {
                 Some(l) => format!("{l}\"\nadvertise = \"{addr}"),
                 None => addr.clone(),
             };
+            let tls = match &certs {
+                Some(certs) => {
+                    let (cert, key) = rsvc_server::certs::engine_files(certs, *rank);
+                    format!(
+                        "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                        certs.join(rsvc_server::certs::CA_CERT).display(),
+                        cert.display(),
+                        key.display()
+                    )
+                }
+                None => String::new(),
+            };
             let toml = format!(
                 "rank = {rank}\nlisten = \"{listen}\"\nmetrics_listen = \"{}\"\ndata_dir = \"{}\"\n\
                  cluster = \"{}\"\naccess_points = [{}]\nreconf_after_secs = 0\n\n[raft]\nheartbeat_ms = {}\n\
-                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{}\n",
+                 election_timeout_min_ms = {}\nelection_timeout_max_ms = {}\n{}\n{tls}",
                 metrics[rank],
                 Self::data_dir_in(dir, *rank).display(),
                 spec.cluster,
@@ -242,6 +284,10 @@ impl RsvcSystem {
                 },
             );
         }
+        let conns = match &certs {
+            Some(certs) => tls_connections(certs, "admin")?,
+            None => Connections::default(),
+        };
         let mut sys = RsvcSystem {
             dir: dir.to_path_buf(),
             cmd,
@@ -249,7 +295,8 @@ impl RsvcSystem {
             engines,
             timers: t,
             net,
-            conns: Connections::default(),
+            certs,
+            conns,
         };
         // All at once, as a supervisor would start them: the first access point bootstraps the
         // management service, the others join as soon as it answers.
@@ -305,6 +352,66 @@ impl RsvcSystem {
             )
         })?;
         Ok(())
+    }
+
+    /// Where the certificates are (`<dir>/certs`), in a TLS system.
+    pub fn certs_dir(&self) -> Option<&Path> {
+        self.certs.as_deref()
+    }
+
+    /// The TLS files of client `user` (one of [`TLS_USERS`], or one a test generated into
+    /// [`certs_dir`](Self::certs_dir)); `None` without TLS.
+    pub fn tls_paths(&self, user: &str) -> Option<TlsPaths> {
+        self.certs.as_deref().map(|dir| user_paths(dir, user))
+    }
+
+    /// The system's own connections: over TLS as `admin` in a TLS system, plain otherwise.
+    pub fn connections(&self) -> Connections {
+        self.conns.clone()
+    }
+
+    /// New connections as client `user` over TLS; plain ones without TLS. Panics if the
+    /// user's files do not load.
+    pub fn connections_as(&self, user: &str) -> Connections {
+        match &self.certs {
+            Some(dir) => tls_connections(dir, user).unwrap_or_else(|e| panic!("{e}")),
+            None => Connections::default(),
+        }
+    }
+
+    /// The flags that make a client command (`pool-svc`, `cont-svc`) run as `user`:
+    /// `--tls-ca CA --tls-cert CERT --tls-key KEY`, nothing without TLS.
+    pub fn tls_flags(&self, user: &str) -> Vec<String> {
+        match self.tls_paths(user) {
+            Some(p) => vec![
+                "--tls-ca".into(),
+                p.ca.display().to_string(),
+                "--tls-cert".into(),
+                p.cert.display().to_string(),
+                "--tls-key".into(),
+                p.key.display().to_string(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// The same as environment variables (`RSVC_TLS_CA`, `RSVC_TLS_CERT`, `RSVC_TLS_KEY`),
+    /// nothing without TLS.
+    pub fn tls_env(&self, user: &str) -> Vec<(&'static str, String)> {
+        match self.tls_paths(user) {
+            Some(p) => vec![
+                ("RSVC_TLS_CA", p.ca.display().to_string()),
+                ("RSVC_TLS_CERT", p.cert.display().to_string()),
+                ("RSVC_TLS_KEY", p.key.display().to_string()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// A [`Pinger`] of the engine of `rank`, over TLS as `admin` in a TLS system.
+    pub async fn pinger(&self, rank: u32) -> Result<Pinger, String> {
+        let e = self.engines.get(&rank).ok_or_else(|| format!("no rank {rank}"))?;
+        Pinger::connect_with(&e.addr, self.conns.tls().cloned()).await
     }
 
     /// The access points, `(rank, addr)`.
@@ -636,14 +743,25 @@ impl RsvcSystem {
 pub struct Pinger(tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>);
 
 impl Pinger {
-    /// Connects to the engine at `addr`.
+    /// Connects to the engine at `addr`, in plain TCP.
     pub async fn connect(addr: &str) -> Result<Pinger, String> {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        Self::connect_with(addr, None).await
+    }
+
+    /// Connects to the engine at `addr`, over mutual TLS with `tls` if given.
+    pub async fn connect_with(addr: &str, tls: Option<Arc<TlsFiles>>) -> Result<Pinger, String> {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
+            .tcp_nodelay(true);
+        let ch = match tls {
+            None => ep.connect().await,
+            Some(tls) => {
+                let timeout = rsvc_client::ClientConfig::default().connect_timeout;
+                ep.connect_with_connector(rsvc_client::tls::connector(tls, addr.to_string(), None, timeout))
+                    .await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         Ok(Pinger(tonic_health::pb::health_client::HealthClient::new(ch)))
     }
 
@@ -657,6 +775,22 @@ impl Pinger {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+}
+
+/// The TLS files of client `user` in the certificate directory `dir`.
+fn user_paths(dir: &Path, user: &str) -> TlsPaths {
+    let (cert, key) = rsvc_server::certs::user_files(dir, user);
+    TlsPaths {
+        ca: dir.join(rsvc_server::certs::CA_CERT),
+        cert,
+        key,
+    }
+}
+
+/// Connections over TLS as client `user`, whose files are in `dir`.
+fn tls_connections(dir: &Path, user: &str) -> Result<Connections, String> {
+    let files = TlsFiles::load(user_paths(dir, user)).map_err(|e| format!("TLS files of {user}: {e}"))?;
+    Ok(Connections::default().with_tls(Some(files)))
 }
 
 /// Removes everything inside `dir`, which stays (it may be a mount point or a symlink).

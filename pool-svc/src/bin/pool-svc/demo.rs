@@ -3,6 +3,11 @@
 //! Every engine is a child process of the demo, killed when the demo ends, even on Ctrl-C or
 //! error (`kill_on_drop` plus a Ctrl-C branch that drops them).
 //!
+//! The engines speak mutual TLS, as a production system would: the demo makes a CA and
+//! certificates in its directory (`certs/`, as `pool-svc certs` does), starts every engine with
+//! its own certificate (`--tls-ca`, `--tls-cert`, `--tls-key`), and its client is the `admin`
+//! user. `--insecure` runs it in plain TCP instead.
+//!
 //! Stdout tells the story and nothing else. Log lines go to files in the demo's directory:
 //! `demo.log` for the demo's own client, `engineN.log` for each engine. A temporary directory is
 //! removed when the demo succeeds and kept (and named) when it fails.
@@ -16,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use pool_svc::{ContClient, PoolClient};
 use rsvc_client::mgmt::{mgmt_client, MgmtLocator, MgmtRequest, MgmtResponse};
+use rsvc_client::tls::{TlsFiles, TlsPaths};
 use rsvc_client::{ClientConfig, Connections};
+use rsvc_server::certs::{self, CertSpec};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -29,6 +36,10 @@ pub(crate) struct DemoArgs {
     /// Keep the engines' data here instead of a temporary directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Plain TCP between the engines and to the client, instead of mutual TLS with
+    /// certificates the demo makes.
+    #[arg(long)]
+    insecure: bool,
 }
 
 const POLL: Duration = Duration::from_millis(50);
@@ -60,6 +71,11 @@ async fn spawn(
     let mut child = Command::new(exe)
         .arg("serve")
         .args(&args)
+        // The demo names the engines' TLS files itself (none with --insecure): a client's
+        // RSVC_TLS_* in the environment must not become the engines'.
+        .env_remove("RSVC_TLS_CA")
+        .env_remove("RSVC_TLS_CERT")
+        .env_remove("RSVC_TLS_KEY")
         .stdout(Stdio::piped())
         .stderr(log)
         .kill_on_drop(true)
@@ -140,6 +156,28 @@ async fn demo(args: DemoArgs, dir: &std::path::Path) -> Result<(), String> {
         "== starting 3 engines on loopback, data and logs in {}",
         dir.display()
     );
+    // Mutual TLS: a CA, a certificate per engine and one for the demo's client, `admin`.
+    let tls = if args.insecure {
+        println!("   plain TCP (--insecure): no authentication");
+        None
+    } else {
+        let certs_dir = dir.join("certs");
+        // `force`: a --dir used before keeps its CA and gets new certificates from it.
+        let spec = CertSpec {
+            force: true,
+            ..CertSpec::new(&certs_dir)
+                .rank(1)
+                .rank(2)
+                .rank(3)
+                .user("admin", &["admin"])
+        };
+        certs::generate(&spec).map_err(|e| format!("certificates: {e}"))?;
+        println!(
+            "   mutual TLS: CA and certificates in {}, the client connects as user admin (--insecure: plain TCP)",
+            certs_dir.display()
+        );
+        Some(certs_dir)
+    };
     let mut engines: Vec<Option<Engine>> = Vec::new();
     let mut aps: Vec<String> = Vec::new();
     for rank in 1..=3u32 {
@@ -156,6 +194,15 @@ async fn demo(args: DemoArgs, dir: &std::path::Path) -> Result<(), String> {
             "demo".into(),
             "--fast-timers".into(),
         ];
+        if let Some(certs_dir) = &tls {
+            let (cert, key) = certs::engine_files(certs_dir, rank);
+            a.push("--tls-ca".into());
+            a.push(certs_dir.join(certs::CA_CERT).display().to_string());
+            a.push("--tls-cert".into());
+            a.push(cert.display().to_string());
+            a.push("--tls-key".into());
+            a.push(key.display().to_string());
+        }
         for ap in &aps {
             a.push("--access-point".into());
             a.push(ap.clone());
@@ -175,7 +222,19 @@ async fn demo(args: DemoArgs, dir: &std::path::Path) -> Result<(), String> {
         .flatten()
         .map(|e| (e.rank, e.addr.clone()))
         .collect();
-    let conns = Connections::default();
+    let conns = match &tls {
+        Some(certs_dir) => {
+            let (cert, key) = certs::user_files(certs_dir, "admin");
+            let paths = TlsPaths {
+                ca: certs_dir.join(certs::CA_CERT),
+                cert,
+                key,
+            };
+            let files = TlsFiles::load(paths).map_err(|e| format!("TLS: {e}"))?;
+            Connections::default().with_tls(Some(files))
+        }
+        None => Connections::default(),
+    };
     let cfg = ClientConfig {
         deadline: Duration::from_secs(20),
         ..ClientConfig::default()
