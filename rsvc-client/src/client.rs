@@ -366,8 +366,17 @@ impl<S: ServiceApi> RsvcClient<S> {
                         outcome: Err(Failure::Security(format!("rank {rank} at {addr}: {why}"))),
                     };
                 }
+                // NB: a plain client talking to a TLS engine reads its alert as HTTP/2 garbage.
+                let hint = if self.conns.tls().is_none()
+                    && (status.message().contains("h2 protocol error")
+                        || status.message().contains("http2 error"))
+                {
+                    " (if the engines use TLS, give this client --tls-ca, --tls-cert and --tls-key)"
+                } else {
+                    ""
+                };
                 return unreachable(format!(
-                    "rank {rank} at {addr}: {:?} {}",
+                    "rank {rank} at {addr}: {:?} {}{hint}",
                     status.code(),
                     status.message()
                 ));

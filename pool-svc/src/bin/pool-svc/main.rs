@@ -351,9 +351,8 @@ fn instance_json(i: &rsvc_client::mgmt::InstanceInfo) -> serde_json::Value {
 }
 
 /// Who leads an instance, and in which term: the newest hint any replica gives to a probe.
-async fn leader_of(i: &rsvc_client::mgmt::InstanceInfo) -> Option<(u32, u64)> {
+async fn leader_of(conns: &Connections, i: &rsvc_client::mgmt::InstanceInfo) -> Option<(u32, u64)> {
     use rsvc_client::wire::{hint_of, pb};
-    let conns = Connections::default();
     let mut best: Option<(u32, u64)> = None;
     for (_, addr) in &i.replicas {
         let Ok(mut c) = conns.get(addr) else { continue };
@@ -552,8 +551,9 @@ async fn run(cli: Cli) -> Result<(), Fail> {
             };
             insts.insert(0, me);
             let mut leaders = Vec::new();
+            let conns = t.connections().map_err(usage)?;
             for i in &insts {
-                leaders.push(leader_of(i).await);
+                leaders.push(leader_of(&conns, i).await);
             }
             if t.json {
                 let insts: Vec<_> = insts
@@ -815,7 +815,10 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
                 })
                 .await?
             {
-                MgmtResponse::Instance(i) => leader_of(&i).await.filter(|(l, _)| *l == r).map(|(_, t)| t),
+                MgmtResponse::Instance(i) => leader_of(&t.connections().map_err(usage)?, &i)
+                    .await
+                    .filter(|(l, _)| *l == r)
+                    .map(|(_, t)| t),
                 _ => None,
             };
             if t.json {
