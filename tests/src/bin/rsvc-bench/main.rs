@@ -16,6 +16,7 @@ mod lease;
 mod report;
 mod scale;
 mod snapshot;
+mod tls;
 mod workloads;
 
 use std::path::PathBuf;
@@ -106,6 +107,8 @@ pub enum Part {
     Snapshot,
     /// Many idle service instances.
     Scale,
+    /// The cost of mutual TLS: the same system with and without it.
+    Tls,
 }
 
 impl Opts {

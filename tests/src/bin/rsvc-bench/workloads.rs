@@ -20,11 +20,11 @@ use rsvc_tests::{wait_for, DEADLINE};
 use crate::report::{Better, Pcts, Report};
 use crate::{Opts, Part};
 
-const LABEL: &str = "bench";
+pub(crate) const LABEL: &str = "bench";
 pub(crate) const VALUE: [u8; 256] = [b'v'; 256];
 const READ_KEYS: usize = 1000;
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")
 }
 
@@ -37,21 +37,21 @@ pub(crate) fn bar(msg: String) -> ProgressBar {
 }
 
 /// The result of a closed-loop run.
-struct Run {
+pub(crate) struct Run {
     ops: u64,
     errors: u64,
     secs: f64,
-    hist: Histogram<u64>,
+    pub(crate) hist: Histogram<u64>,
 }
 
 impl Run {
-    fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.ops as f64 / self.secs
     }
 }
 
 /// Runs `clients` closed-loop clients for `dur`; client `c`'s `k`th operation is `op(c, k)`.
-async fn closed_loop<F, Fut>(what: String, clients: usize, dur: Duration, op: F) -> Run
+pub(crate) async fn closed_loop<F, Fut>(what: String, clients: usize, dur: Duration, op: F) -> Run
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
@@ -127,7 +127,7 @@ async fn rtt_floor(sys: &RsvcSystem, n: usize) -> Result<Pcts, String> {
     Ok(Pcts::of(&h))
 }
 
-fn cfg() -> ClientConfig {
+pub(crate) fn cfg() -> ClientConfig {
     ClientConfig {
         deadline: Duration::from_secs(30),
         ..ClientConfig::default()
@@ -146,7 +146,10 @@ fn failover_cfg() -> ClientConfig {
     }
 }
 
-async fn rsvc_put(c: &rsvc_client::RsvcClient<pool_svc::PoolApi>, key: String) -> Result<(), String> {
+pub(crate) async fn rsvc_put(
+    c: &rsvc_client::RsvcClient<pool_svc::PoolApi>,
+    key: String,
+) -> Result<(), String> {
     c.call(&PoolRequest::AttrSet {
         name: key,
         value: VALUE.to_vec(),
@@ -576,7 +579,7 @@ async fn failovers(
 
 /// Creates the bench's pool and waits until it serves a write, so that no measurement
 /// includes the first election.
-async fn ready_pool(sys: &RsvcSystem) -> Result<(), String> {
+pub(crate) async fn ready_pool(sys: &RsvcSystem) -> Result<(), String> {
     sys.create_pool(LABEL, 3).await?;
     sys.leader("pool", LABEL, DEADLINE).await?;
     rsvc_put(&sys.pool(LABEL, cfg()), "warm-up".into()).await
@@ -631,6 +634,11 @@ async fn run_in(o: &Opts, dir: &Path) -> Result<(), String> {
     if o.runs(Part::Lease) {
         if let Err(e) = lease_part(&mut rep, &o, &dir, rsvc_kill_gaps.as_deref()).await {
             rep.failures.push(format!("lease-election pattern: {e}"));
+        }
+    }
+    if o.runs(Part::Tls) {
+        if let Err(e) = crate::tls::run(&mut rep, &o, &dir, &cmd).await {
+            rep.failures.push(format!("the cost of TLS: {e}"));
         }
     }
     if o.runs(Part::Snapshot) {

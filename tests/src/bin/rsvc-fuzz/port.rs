@@ -2,7 +2,9 @@
 //! leader's port and its peers'), the leader's port gets garbage, half-open TLS handshakes,
 //! slowloris HTTP/2 prefaces, and a flood of idle connections. Each phase reports the client's
 //! throughput as a ratio to the undisturbed baseline of the same run, its latency and its
-//! errors.
+//! errors. With `--tls` the engines run mutual TLS, the half-open handshakes hit a real TLS
+//! listener, and one more phase floods the port with complete handshakes from a certificate of
+//! another CA (each costs the engine a key exchange and a signature before it refuses).
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,9 @@ pub(crate) struct PortArgs {
     /// Where the engines keep their data (a temporary directory under it).
     #[arg(long, default_value = ".")]
     dir: std::path::PathBuf,
+    /// Run the engines with mutual TLS, and add the handshake flood.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// One phase's figures.
@@ -35,6 +40,19 @@ struct Phase {
     hist: Histogram<u64>,
     /// Attack connections the engine still kept open at the end of the phase.
     held: usize,
+    /// The leader engine's CPU use during the phase, in percent of one core: what the attack
+    /// cost the engine itself, apart from the attacker's own use of the shared cores.
+    cpu: Option<f64>,
+}
+
+/// A process's user and system CPU time so far, in seconds (Linux `/proc/<pid>/stat`).
+fn cpu_seconds(pid: Option<rustix::process::Pid>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?.as_raw_nonzero())).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / rustix::param::clock_ticks_per_second() as f64)
 }
 
 /// A TLS 1.2 ClientHello's first bytes: a record header and the start of a handshake, then
@@ -54,7 +72,25 @@ pub(crate) async fn run(args: PortArgs) -> Result<(), String> {
         .prefix("rsvc-fuzz-port-")
         .tempdir_in(&args.dir)
         .map_err(|e| e.to_string())?;
-    let sys = RsvcSystem::start_spec(tmp.path(), program, Spec::new(3, Timers::defaults())).await?;
+    let spec = Spec {
+        tls: args.tls,
+        ..Spec::new(3, Timers::defaults())
+    };
+    let sys = RsvcSystem::start_spec(tmp.path(), program, spec).await?;
+    // A client of another CA, for the handshake flood.
+    let foreign = if args.tls {
+        let dir = tmp.path().join("foreign");
+        rsvc_server::certs::generate(&rsvc_server::certs::CertSpec::new(&dir).user("mallory", &["admin"]))?;
+        let (cert, key) = rsvc_server::certs::user_files(&dir, "mallory");
+        let paths = rsvc_client::tls::TlsPaths {
+            ca: dir.join("ca.crt"),
+            cert,
+            key,
+        };
+        Some(rsvc_client::tls::TlsFiles::load(paths).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     sys.create_pool("abuse", 3).await?;
     let cfg = ClientConfig {
         deadline: Duration::from_secs(10),
@@ -68,16 +104,25 @@ pub(crate) async fn run(args: PortArgs) -> Result<(), String> {
     let secs = Duration::from_secs_f64(args.seconds);
     eprintln!("== pool 'abuse' led by rank {leader} at {target}; {secs:?} per phase");
     let mut phases = Vec::new();
-    for name in ["baseline", "garbage", "half-open TLS", "slowloris", "idle flood"] {
+    let mut names = vec!["baseline", "garbage", "half-open TLS", "slowloris", "idle flood"];
+    if args.tls {
+        names.push("handshake flood");
+    }
+    for name in names {
         let stop = stop_signal();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let attack = {
-            let (target, stop, n) = (target.clone(), stop.clone(), args.connections);
-            tokio::spawn(async move { attack(name, &target, n, stop, ready_tx).await })
+            let (target, stop, n, foreign) =
+                (target.clone(), stop.clone(), args.connections, foreign.clone());
+            tokio::spawn(async move { attack(name, &target, n, stop, ready_tx, foreign).await })
         };
         // The holding attacks open all their connections before the measurement starts.
         let _ = ready.await;
+        let cpu_before = cpu_seconds(sys.pid(leader));
         let (ops, errors, hist) = workload(&client, secs).await;
+        let cpu = cpu_before
+            .zip(cpu_seconds(sys.pid(leader)))
+            .map(|(a, b)| (b - a) * 100.0 / secs.as_secs_f64());
         stop.send_replace(true);
         let held = attack.await.unwrap_or(0);
         phases.push(Phase {
@@ -86,23 +131,25 @@ pub(crate) async fn run(args: PortArgs) -> Result<(), String> {
             errors,
             hist,
             held,
+            cpu,
         });
     }
     let base = phases[0].ops.max(1) as f64;
     println!(
-        "{:<14} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6}",
-        "PHASE", "WRITES/S", "RATIO", "P50 MS", "P99 MS", "ERRORS", "OPEN"
+        "{:<16} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6} {:>10}",
+        "PHASE", "WRITES/S", "RATIO", "P50 MS", "P99 MS", "ERRORS", "OPEN", "LEADER CPU"
     );
     for p in &phases {
         println!(
-            "{:<14} {:>8.0} {:>8.2} {:>9.2} {:>9.2} {:>7} {:>6}",
+            "{:<16} {:>8.0} {:>8.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>9.0}%",
             p.name,
             p.ops as f64 / args.seconds,
             p.ops as f64 / base,
             p.hist.value_at_quantile(0.5) as f64 / 1e3,
             p.hist.value_at_quantile(0.99) as f64 / 1e3,
             p.errors,
-            p.held
+            p.held,
+            p.cpu.unwrap_or(f64::NAN)
         );
     }
     // The engine still serves a fresh client after all of it.
@@ -158,9 +205,34 @@ async fn attack(
     n: usize,
     stop: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     ready: tokio::sync::oneshot::Sender<()>,
+    foreign: Option<std::sync::Arc<rsvc_client::tls::TlsFiles>>,
 ) -> usize {
     let mut stopped = stop.subscribe();
     match name {
+        "handshake flood" => {
+            // Complete handshakes with another CA's certificate, as fast as four tasks can;
+            // the engine refuses each after its share of the work.
+            let Some(files) = foreign else {
+                let _ = ready.send(());
+                return 0;
+            };
+            let tasks: Vec<_> = (0..4)
+                .map(|_| {
+                    let (target, stop, files) = (target.to_string(), stop.subscribe(), files.clone());
+                    tokio::spawn(async move {
+                        while !*stop.borrow() {
+                            let _ = files.connect(&target, None, Duration::from_secs(5)).await;
+                        }
+                    })
+                })
+                .collect();
+            let _ = ready.send(());
+            let _ = stopped.wait_for(|s| *s).await;
+            for t in tasks {
+                let _ = t.await;
+            }
+            0
+        }
         "garbage" => {
             // Connect, write junk, close: as fast as four tasks can.
             let tasks: Vec<_> = (0..4)
