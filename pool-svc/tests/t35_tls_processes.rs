@@ -55,17 +55,6 @@ async fn pool_svc_env(sys: &RsvcSystem, args: &[&str], tls: &[String], env: &[(&
         .unwrap()
 }
 
-fn flags(p: &TlsPaths) -> Vec<String> {
-    vec![
-        "--tls-ca".into(),
-        p.ca.display().to_string(),
-        "--tls-cert".into(),
-        p.cert.display().to_string(),
-        "--tls-key".into(),
-        p.key.display().to_string(),
-    ]
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -157,7 +146,7 @@ async fn the_cli_over_tls_admin_administers_others_are_refused_with_the_reason()
     let out = pool_svc(
         &sys,
         &["pool", "create", "--label", "mallorys", "--replicas", "3"],
-        &flags(&mallory),
+        &TlsPaths::flags(&mallory),
     )
     .await;
     let why = stderr(&out);
@@ -172,7 +161,7 @@ async fn the_cli_over_tls_admin_administers_others_are_refused_with_the_reason()
     let out = pool_svc(
         &sys,
         &["pool", "create", "--label", "mallorys", "--replicas", "3"],
-        &flags(&with_cluster_ca),
+        &TlsPaths::flags(&with_cluster_ca),
     )
     .await;
     let why = stderr(&out);

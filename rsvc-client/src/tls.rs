@@ -46,6 +46,18 @@ pub struct TlsPaths {
 }
 
 impl TlsPaths {
+    /// The command-line flags that name these files: `--tls-ca CA --tls-cert CERT --tls-key KEY`.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            self.ca.display().to_string(),
+            "--tls-cert".into(),
+            self.cert.display().to_string(),
+            "--tls-key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+
     /// The three paths, or a usage error if only some are given: TLS needs all of them.
     pub fn from_parts(
         ca: Option<PathBuf>,
@@ -175,18 +187,19 @@ fn load(paths: &TlsPaths) -> Result<Loaded, TlsError> {
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| read_err(&paths.key, e))?;
     let p = provider();
     let h2 = vec![b"h2".to_vec()];
+    let unusable = |e: rustls::Error| {
+        TlsError::Invalid(format!(
+            "{} and {} do not make a usable identity: {e}",
+            paths.cert.display(),
+            paths.key.display()
+        ))
+    };
     let mut client = ClientConfig::builder_with_provider(p.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid(e.to_string()))?
         .with_root_certificates(roots.clone())
         .with_client_auth_cert(chain.clone(), key.clone_key())
-        .map_err(|e| {
-            TlsError::Invalid(format!(
-                "{} and {} do not make a usable identity: {e}",
-                paths.cert.display(),
-                paths.key.display()
-            ))
-        })?;
+        .map_err(unusable)?;
     client.alpn_protocols = h2.clone();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, p.clone())
         .build()
@@ -196,13 +209,7 @@ fn load(paths: &TlsPaths) -> Result<Loaded, TlsError> {
         .map_err(|e| TlsError::Invalid(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            TlsError::Invalid(format!(
-                "{} and {} do not make a usable identity: {e}",
-                paths.cert.display(),
-                paths.key.display()
-            ))
-        })?;
+        .map_err(unusable)?;
     server.alpn_protocols = h2;
     Ok(Loaded {
         stamp,

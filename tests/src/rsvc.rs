@@ -382,17 +382,7 @@ impl RsvcSystem {
     /// The flags that make a client command (`pool-svc`, `cont-svc`) run as `user`:
     /// `--tls-ca CA --tls-cert CERT --tls-key KEY`, nothing without TLS.
     pub fn tls_flags(&self, user: &str) -> Vec<String> {
-        match self.tls_paths(user) {
-            Some(p) => vec![
-                "--tls-ca".into(),
-                p.ca.display().to_string(),
-                "--tls-cert".into(),
-                p.cert.display().to_string(),
-                "--tls-key".into(),
-                p.key.display().to_string(),
-            ],
-            None => Vec::new(),
-        }
+        self.tls_paths(user).map(|p| p.flags()).unwrap_or_default()
     }
 
     /// The same as environment variables (`RSVC_TLS_CA`, `RSVC_TLS_CERT`, `RSVC_TLS_KEY`),

@@ -196,12 +196,8 @@ async fn demo(args: DemoArgs, dir: &std::path::Path) -> Result<(), String> {
         ];
         if let Some(certs_dir) = &tls {
             let (cert, key) = certs::engine_files(certs_dir, rank);
-            a.push("--tls-ca".into());
-            a.push(certs_dir.join(certs::CA_CERT).display().to_string());
-            a.push("--tls-cert".into());
-            a.push(cert.display().to_string());
-            a.push("--tls-key".into());
-            a.push(key.display().to_string());
+            let ca = certs_dir.join(certs::CA_CERT);
+            a.extend(rsvc_client::tls::TlsPaths { ca, cert, key }.flags());
         }
         for ap in &aps {
             a.push("--access-point".into());
