@@ -328,10 +328,15 @@ async fn an_address_whose_handshakes_keep_failing_is_cut_off_before_any_tls_work
             Err(_) => cut += 1,
         }
     }
-    assert!(handshakes <= limit + 2, "{handshakes} handshakes were made, the limit is {limit}");
+    assert!(
+        handshakes <= limit + 2,
+        "{handshakes} handshakes were made, the limit is {limit}"
+    );
     assert!(cut > 0, "nothing was cut off");
     // Another address is served meanwhile.
-    let conns = sys.connections_as("alice").with_local_address(Some("127.0.0.2".parse().unwrap()));
+    let conns = sys
+        .connections_as("alice")
+        .with_local_address(Some("127.0.0.2".parse().unwrap()));
     counter(&sys, conns, "c")
         .call(&CounterRequest::Add {
             name: "n".into(),
