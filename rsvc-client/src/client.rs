@@ -87,6 +87,9 @@ impl Locator for StaticLocator {
     }
 }
 
+/// What a plain client adds to a failure that looks like a TLS engine's answer.
+const TLS_HINT: &str = " (if the engines use TLS, give this client --tls-ca, --tls-cert and --tls-key)";
+
 /// Connections to engines, shared by every client in a process.
 #[derive(Clone)]
 pub struct Connections {
@@ -371,7 +374,7 @@ impl<S: ServiceApi> RsvcClient<S> {
                     && (status.message().contains("h2 protocol error")
                         || status.message().contains("http2 error"))
                 {
-                    " (if the engines use TLS, give this client --tls-ca, --tls-cert and --tls-key)"
+                    TLS_HINT
                 } else {
                     ""
                 };
@@ -434,12 +437,18 @@ impl<S: ServiceApi> RsvcClient<S> {
         let mut attempts = 0u32;
         let mut last = String::from("nothing tried");
         let mut round_failures = 0u32;
+        // Whether an attempt looked like a plain client talking to a TLS engine: the final
+        // error says so even if its last attempt failed otherwise (a timeout at the deadline).
+        let mut plain_vs_tls = false;
         req.class = S::CLASS.to_string();
         req.instance = self.instance.clone();
         req.client_id = self.client_id.to_vec();
         loop {
             let now = Instant::now();
             if now >= deadline {
+                if plain_vs_tls && !last.ends_with(TLS_HINT) {
+                    last.push_str(TLS_HINT);
+                }
                 return Err(if attempts == 0 {
                     // Not one replica was tried: the leader search itself ran out of time.
                     ClientError::NoReplicas {
@@ -511,6 +520,7 @@ impl<S: ServiceApi> RsvcClient<S> {
                             (format!("rank {}: {e}", a.rank), matches!(e, WireError::NotLeader))
                         }
                     };
+                    plain_vs_tls |= what.ends_with(TLS_HINT);
                     tracing::debug!(class = S::CLASS, instance = %self.instance, error = %what, "retrying");
                     last = what;
                     // A hint to a new leader is worth following at once; otherwise back off.
