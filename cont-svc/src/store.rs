@@ -107,7 +107,7 @@ pub const ACL_PROP: &str = "acl";
 /// A container's owner, owner group and ACL text as its properties hold them (empty where
 /// unset).
 pub async fn access_props(tx: &mut Tx, label: &str) -> Result<(String, String, Option<String>), ContError> {
-    live_meta(tx, label).await?;
+    meta(tx, label).await?;
     let props = cont(label).child("props");
     let owner = lookup_string(tx, &props, OWNER_PROP).await?;
     let group = lookup_string(tx, &props, GROUP_PROP).await?;
@@ -127,21 +127,25 @@ async fn lookup_string(tx: &mut Tx, path: &Path, name: &str) -> Result<Option<St
         .map(|b| String::from_utf8_lossy(&b).into_owned()))
 }
 
-/// The label of the container that container handle `h` belongs to.
-pub async fn label_of(tx: &mut Tx, h: &Handle) -> Result<String, ContError> {
-    by_handle(tx, h).await
+/// The label of the container that container handle `h`, opened under `pool_handle`,
+/// belongs to.
+pub async fn label_of(tx: &mut Tx, h: &Handle, pool_handle: &Handle) -> Result<String, ContError> {
+    by_handle(tx, h, pool_handle).await
 }
 
-/// Finds the container a container handle belongs to.
-async fn by_handle(tx: &mut Tx, h: &Handle) -> Result<String, ContError> {
+/// Finds the container a container handle belongs to. A container handle is tied to the pool
+/// handle it was opened under: under any other, it is no handle.
+async fn by_handle(tx: &mut Tx, h: &Handle, pool_handle: &Handle) -> Result<String, ContError> {
     for (label, _) in tx.iterate(&conts(), .., usize::MAX).await.map_err(storage)? {
         let label = String::from_utf8_lossy(&label).into_owned();
-        if tx
+        if let Some(owner) = tx
             .lookup(&cont(&label).child("handles"), h)
             .await
             .map_err(storage)?
-            .is_some()
         {
+            if owner.as_slice() != pool_handle.as_slice() {
+                return Err(ContError::NoHandle);
+            }
             return Ok(label);
         }
     }
@@ -266,7 +270,7 @@ pub async fn handle(
             Ok(ContResponse::Opened { cont_handle: h })
         }
         ContRequest::Close { cont_handle } => {
-            let label = by_handle(tx, &cont_handle).await?;
+            let label = by_handle(tx, &cont_handle, pool_handle).await?;
             tx.delete(&cont(&label).child("handles"), cont_handle.to_vec());
             Ok(ContResponse::Ok)
         }
@@ -329,7 +333,7 @@ pub async fn handle(
             Ok(ContResponse::Ok)
         }
         ContRequest::SnapCreate { cont_handle } => {
-            let label = by_handle(tx, &cont_handle).await?;
+            let label = by_handle(tx, &cont_handle, pool_handle).await?;
             live_meta(tx, &label).await?;
             let snaps = cont(&label).child("snaps");
             // Epochs increase strictly: at least the time now, above the newest snapshot.
@@ -367,7 +371,7 @@ pub async fn handle(
             if count == 0 || count > 1 << 40 {
                 return Err(ContError::Invalid(format!("cannot allocate {count} object ids")));
             }
-            let label = by_handle(tx, &cont_handle).await?;
+            let label = by_handle(tx, &cont_handle, pool_handle).await?;
             let (mut m, raw) = live_meta(tx, &label).await?;
             let start = m.next_oid;
             m.next_oid = start

@@ -2,9 +2,9 @@
 //! principal of the caller's client certificate (`Ctx::caller`).
 //!
 //! - A pool has an owner, an owner group and an ACL (its properties `owner`, `owner_group`
-//!   and `acl`). A new pool is owned by `root` with the owner group `admin`, under DAOS's
-//!   default ACL `A::OWNER@:rw,A:G:GROUP@:rw`, so members of the admin group may use it until
-//!   its creator names the real owner.
+//!   and `acl`). A new pool has no owner and the owner group `admin`, under DAOS's default
+//!   ACL `A::OWNER@:rw,A:G:GROUP@:rw`, so members of the admin group may use it until its
+//!   creator names the real owner.
 //! - `Connect` needs read; the handle records the rights granted and whose they are. Every
 //!   later call under the handle is checked against them: only the principal that connected
 //!   may use it, and a read-only handle cannot create or destroy containers.
@@ -40,8 +40,9 @@ pub const OWNER_PROP: &str = "owner";
 pub const GROUP_PROP: &str = "owner_group";
 /// The pool property holding its ACL.
 pub const ACL_PROP: &str = "acl";
-/// Whom a new pool belongs to.
-pub const DEFAULT_OWNER: &str = "root";
+/// Whom a new pool belongs to: nobody, so that no certificate's user owns it before its
+/// creator names one (only admins may change it until then).
+pub const DEFAULT_OWNER: &str = "";
 /// A new pool's owner group: the default admin group.
 pub const DEFAULT_GROUP: &str = "admin";
 
@@ -155,6 +156,7 @@ pub fn pool_need(req: &PoolRequest) -> Option<(Rights, &'static str)> {
 /// list, close).
 pub async fn cont_target(
     tx: &mut Tx,
+    pool_handle: &cont_svc::api::Handle,
     req: &ContRequest,
 ) -> Result<Option<(String, Rights, &'static str)>, PoolError> {
     use ContRequest as C;
@@ -171,7 +173,9 @@ pub async fn cont_target(
         }
         C::SnapDestroy { label, .. } => by_label(label, Rights::WRITE, "write the container"),
         C::SnapCreate { cont_handle } | C::OidAlloc { cont_handle, .. } => {
-            let label = cstore::label_of(tx, cont_handle).await.map_err(PoolError::Cont)?;
+            let label = cstore::label_of(tx, cont_handle, pool_handle)
+                .await
+                .map_err(PoolError::Cont)?;
             Ok(Some((label, Rights::WRITE, "write the container")))
         }
     }

@@ -157,6 +157,9 @@ impl PoolService {
                 Self::drop_handle(tx, &h).await?;
                 closed.push(h);
             } else {
+                // Only if it is still there as read: a concurrent disconnect must not be undone.
+                let raw = tx.lookup(&handles(), &h).await.map_err(storage)?;
+                tx.expect(&handles(), h.to_vec(), raw);
                 rec.grant.rights = now;
                 tx.update(
                     &handles(),
@@ -324,6 +327,13 @@ impl ReplicatedService for PoolService {
                 Ok(PoolResponse::Ok)
             }
             PoolRequest::Renew { handle } => {
+                if caller.authenticated {
+                    let rec = tx.lookup(&handles(), &handle).await.map_err(storage)?;
+                    let rec = rec.ok_or(PoolError::NoHandle)?;
+                    if !HandleRec::decode(&rec)?.grant.usable_by(&caller) {
+                        return Err(PoolError::NoHandle);
+                    }
+                }
                 let mut l = self.leases.lock().expect("lock");
                 match l.get_mut(&handle) {
                     Some((deadline, ttl)) if Instant::now() < *deadline => {
@@ -467,21 +477,39 @@ impl ReplicatedService for PoolService {
                 self.leases.lock().expect("lock").clear();
                 Ok(PoolResponse::Evicted(all.len() as u64))
             }
-            PoolRequest::ListHandles => Ok(PoolResponse::Handles(
-                Self::all_handles(tx)
-                    .await?
-                    .into_iter()
-                    .map(|(handle, r)| HandleInfo {
-                        handle,
-                        client: r.client,
-                        ttl_ms: r.ttl_ms,
-                    })
-                    .collect(),
-            )),
+            PoolRequest::ListHandles => {
+                // Handles are capabilities: only the owner and admins see everyone's.
+                let own_only =
+                    caller.authenticated && !access::pool_access(tx, &props()).await?.owned_by(&caller);
+                Ok(PoolResponse::Handles(
+                    Self::all_handles(tx)
+                        .await?
+                        .into_iter()
+                        .filter(|(_, r)| !own_only || r.grant.user == caller.user)
+                        .map(|(handle, r)| HandleInfo {
+                            handle,
+                            client: r.client,
+                            ttl_ms: r.ttl_ms,
+                        })
+                        .collect(),
+                ))
+            }
             PoolRequest::Cont { handle, mut req } => {
-                let rec = self.check_handle(tx, &handle).await?;
+                let mut rec = self.check_handle(tx, &handle).await?;
                 if !rec.grant.usable_by(&caller) {
                     return Err(PoolError::NoHandle);
+                }
+                if caller.authenticated {
+                    // Rights only shrink: an ACL change that committed after this handle was
+                    // granted (and so was not re-checked with it) still takes effect here.
+                    let now = rec.grant.under(&access::pool_access(tx, &props()).await?);
+                    rec.grant.rights = Rights {
+                        read: rec.grant.rights.read && now.read,
+                        write: rec.grant.rights.write && now.write,
+                    };
+                    if !rec.grant.rights.read {
+                        return Err(PoolError::NoHandle);
+                    }
                 }
                 match &mut req {
                     ContRequest::Create { props, .. } => {
@@ -494,7 +522,7 @@ impl ReplicatedService for PoolService {
                     _ => {}
                 }
                 if caller.authenticated {
-                    if let Some((label, need, what)) = access::cont_target(tx, &req).await? {
+                    if let Some((label, need, what)) = access::cont_target(tx, &handle, &req).await? {
                         let a = access::cont_access(tx, &label).await?;
                         if let ContRequest::PropSet { name, value, .. } = &req {
                             if cont_svc::store::ACL_PROP == name {
@@ -527,9 +555,19 @@ impl ReplicatedService for PoolService {
                         .map_err(PoolError::Cont)?;
                     return Ok(PoolResponse::Cont(cont_svc::ContResponse::Ok));
                 }
-                let r = cstore::handle(tx, &handle, now_ms(), req)
+                let mut r = cstore::handle(tx, &handle, now_ms(), req)
                     .await
                     .map_err(PoolError::Cont)?;
+                if let (true, cont_svc::ContResponse::List(all)) = (caller.authenticated, &mut r) {
+                    // Only the containers the caller may read.
+                    let mut readable = Vec::new();
+                    for info in all.drain(..) {
+                        if access::cont_access(tx, &info.label).await?.rights(&caller).read {
+                            readable.push(info);
+                        }
+                    }
+                    *all = readable;
+                }
                 Ok(PoolResponse::Cont(r))
             }
         }

@@ -181,6 +181,29 @@ async fn a_container_is_checked_against_its_own_acl() {
         other => panic!("{other:?}"),
     }
     let open = |label: &str| ContRequest::Open { label: label.into() };
+    // Bob's list leaves out what he may not read; alice's shows it.
+    let labels = |r: Result<PoolResponse, ClientError<PoolError>>| match r {
+        Ok(PoolResponse::Cont(ContResponse::List(l))) => l.into_iter().map(|i| i.label).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert!(labels(cont(&bob, hb, ContRequest::List).await).is_empty());
+    assert_eq!(labels(cont(&alice, ha, ContRequest::List).await), ["mine"]);
+    // A container handle works under its own pool handle only.
+    let ch = match cont(&alice, ha, open("mine")).await {
+        Ok(PoolResponse::Cont(ContResponse::Opened { cont_handle })) => cont_handle,
+        other => panic!("{other:?}"),
+    };
+    match cont(&bob, hb, ContRequest::Close { cont_handle: ch }).await {
+        Err(ClientError::Service(PoolError::Cont(cont_svc::ContError::NoHandle))) => {}
+        other => panic!("bob closed alice's container handle: {other:?}"),
+    }
+    // Handles are capabilities: bob lists his own, an admin every one.
+    let handles = |r: Result<PoolResponse, ClientError<PoolError>>| match r {
+        Ok(PoolResponse::Handles(h)) => h.into_iter().map(|i| i.handle).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(handles(bob.call(&PoolRequest::ListHandles).await), [hb]);
+    assert_eq!(handles(admin.call(&PoolRequest::ListHandles).await).len(), 2);
     let why = denied(
         cont(&bob, hb, open("mine")).await,
         "bob opening alice's container",

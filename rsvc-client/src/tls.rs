@@ -9,8 +9,9 @@
 //! [`TlsFiles`] holds the three PEM files (CA, certificate, key) and reloads them when they
 //! change, so that a renewed certificate is picked up without a restart: every new connection
 //! asks for the current configuration, which re-reads the files if their size, modification
-//! time or inode moved. A set that fails to load (a key written before its certificate, a
-//! wrong path) leaves the last good one in use and is logged; the next change tries again.
+//! time, inode or contents changed (looked at most every 500 ms). A set that fails to load (a
+//! key written before its certificate, a wrong path) leaves the last good one in use and is
+//! logged; the next change tries again.
 //! Connections already open keep the certificate they were made with.
 //!
 //! CAVEATS: no revocation lists; a stolen client key is good until its certificate expires,
@@ -103,8 +104,10 @@ pub enum TlsError {
     Invalid(String),
 }
 
-/// (size, mtime, inode) of each file: a change in any of them means "read again".
-type Stamp = Vec<(u64, Option<SystemTime>, u64)>;
+/// (size, mtime, inode, hash of the contents) of each file: a change in any of them means
+/// "read again". The hash catches a certificate rewritten in place, at the same size, within
+/// one tick of a coarse filesystem clock.
+type Stamp = Vec<(u64, Option<SystemTime>, u64, u64)>;
 
 struct Loaded {
     stamp: Stamp,
@@ -147,8 +150,13 @@ fn stamp(paths: &TlsPaths) -> Stamp {
     [&paths.ca, &paths.cert, &paths.key]
         .iter()
         .map(|p| match fs::metadata(p) {
-            Ok(m) => (m.len(), m.modified().ok(), m.ino()),
-            Err(_) => (0, None, 0),
+            Ok(m) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                fs::read(p).unwrap_or_default().hash(&mut h);
+                (m.len(), m.modified().ok(), m.ino(), h.finish())
+            }
+            Err(_) => (0, None, 0, 0),
         })
         .collect()
 }

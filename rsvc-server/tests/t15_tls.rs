@@ -333,6 +333,42 @@ async fn an_address_whose_handshakes_keep_failing_is_cut_off_before_any_tls_work
         "{handshakes} handshakes were made, the limit is {limit}"
     );
     assert!(cut > 0, "nothing was cut off");
+
+    // From 127.0.0.4: a ClientHello, the engine's flight read, then a reset instead of an
+    // answer. That costs the engine as much, and is counted the same.
+    let (mut flights, mut closed) = (0, 0);
+    for _ in 0..(limit * 3) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let name = rustls_pki_types::ServerName::try_from("rsvc-engine").unwrap();
+        let mut conn = rustls::ClientConnection::new(mallory.client_config(), name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr.parse().unwrap()).await.unwrap();
+        if s.write_all(&hello).await.is_err() {
+            closed += 1;
+            continue;
+        }
+        let mut got = 0;
+        let mut buf = [0u8; 4096];
+        while got <= 64 {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got += n,
+                _ => break,
+            }
+        }
+        if got > 64 {
+            flights += 1;
+        } else {
+            closed += 1;
+        }
+    }
+    assert!(
+        flights <= limit + 2,
+        "the engine sent {flights} flights, the limit is {limit}"
+    );
+    assert!(closed > 0, "nothing was cut off");
     // Another address is served meanwhile.
     let conns = sys
         .connections_as("alice")

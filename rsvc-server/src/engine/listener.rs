@@ -16,8 +16,9 @@
 //!
 //! A full TLS handshake costs the engine a key exchange and a signature, so a flood of
 //! handshakes that fail (another CA's certificate, none at all) is a cheap attack on its CPU.
-//! [`HandshakeFailures`] counts such failures (those that got as far as the engine's signature;
-//! plain text or a stalled handshake costs nothing) per source address: an address that fails
+//! [`HandshakeFailures`] counts such failures (those in which the engine sent its flight, its
+//! key share and signature; plain text, or a ClientHello that never completes, costs nothing)
+//! per source address: an address that fails
 //! more than `EngineLimits::handshake_failures` allows within its window has its new
 //! connections closed on arrival, before any TLS work, until the window passes.
 
@@ -56,6 +57,7 @@ impl Pending {
             read: 0,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             pending: Some(self.0.clone()),
+            wrote: Arc::default(),
         })
     }
 
@@ -72,6 +74,9 @@ pub(crate) struct Guarded {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The pending count this connection is in, until its preface is complete.
     pending: Option<Arc<AtomicUsize>>,
+    /// Bytes the engine wrote. In a TLS handshake, more than an alert's worth means its
+    /// flight (key share, certificate, signature) went out: the handshake cost its crypto.
+    wrote: Arc<AtomicUsize>,
 }
 
 impl Guarded {
@@ -119,7 +124,11 @@ impl AsyncRead for Guarded {
 
 impl AsyncWrite for Guarded {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote.fetch_add(n, Ordering::Relaxed);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -132,7 +141,11 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote.fetch_add(n, Ordering::Relaxed);
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -206,8 +219,11 @@ pub(crate) fn caller_of<T>(req: &tonic::Request<T>) -> Arc<Caller> {
         .unwrap_or_else(|| Arc::new(Caller::insecure()))
 }
 
+/// What an engine may write in a handshake that cost it nothing: an alert or two (7 bytes each).
+const ALERT_BYTES: usize = 64;
+
 /// Why a TLS connection was refused, and whether its handshake went as far as the engine's
-/// signature (what a handshake flood costs; see [`HandshakeFailures`]).
+/// flight (what a handshake flood costs; see [`HandshakeFailures`]).
 pub(crate) struct Refused {
     /// Why, with the peer's address.
     pub(crate) why: String,
@@ -252,25 +268,20 @@ impl Conn {
         let remote = Self::remote(&g);
         let who = remote.map_or("?".to_string(), |r| r.to_string());
         let cheap = |why: String| Refused { why, costly: false };
+        // Whatever way it fails later (an alert, a reset, silence), a handshake in which the
+        // engine sent its flight has cost it the key exchange and the signature.
+        let wrote = g.wrote.clone();
         let s = match tokio::time::timeout(timeout, tokio_rustls::TlsAcceptor::from(config).accept(g)).await {
-            Err(_) => return Err(cheap(format!("{who}: no TLS handshake within {timeout:?}"))),
+            Err(_) => {
+                return Err(Refused {
+                    why: format!("{who}: no TLS handshake within {timeout:?}"),
+                    costly: wrote.load(Ordering::Relaxed) > ALERT_BYTES,
+                })
+            }
             Ok(Err(e)) => {
-                // Past the engine's own signature: the peer's certificate was refused, or the
-                // peer refused the engine's.
-                let costly = e
-                    .get_ref()
-                    .and_then(|i| i.downcast_ref::<rustls::Error>())
-                    .is_some_and(|r| {
-                        matches!(
-                            r,
-                            rustls::Error::InvalidCertificate(_)
-                                | rustls::Error::NoCertificatesPresented
-                                | rustls::Error::AlertReceived(_)
-                        )
-                    });
                 return Err(Refused {
                     why: format!("{who}: TLS handshake failed: {e}"),
-                    costly,
+                    costly: wrote.load(Ordering::Relaxed) > ALERT_BYTES,
                 });
             }
             Ok(Ok(s)) => s,

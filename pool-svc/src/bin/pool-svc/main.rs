@@ -185,7 +185,7 @@ enum PoolCmd {
 /// Who may use a pool. Without TLS nobody is authenticated and these are not enforced.
 #[derive(clap::Args, Debug, Clone)]
 struct AccessArgs {
-    /// The pool's owner: a user, as a client certificate's CN names it (default: root).
+    /// The pool's owner: a user, as a client certificate's CN names it (default: none, so only admins may change who may use it).
     #[arg(long)]
     owner: Option<String>,
     /// The pool's owner group, as a client certificate's O names it (default: admin).
@@ -661,7 +661,7 @@ async fn pool_cmd(cmd: PoolCmd) -> Result<(), Fail> {
                     replicas,
                 })
                 .await?;
-            // NB: not atomic with the create; until these land, the default ACL (owner root,
+            // NB: not atomic with the create; until these land, the default ACL (no owner,
             // group admin) keeps everyone else out.
             set_props(&t, &label, access.props()).await?;
             if let (true, MgmtResponse::Instance(i)) = (t.json, &r) {
