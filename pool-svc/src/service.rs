@@ -277,14 +277,17 @@ impl ReplicatedService for PoolService {
         let caller = ctx.caller.clone();
         let tx = &mut ctx.tx;
         // Without TLS nobody is authenticated: skip the reads the checks would need.
-        let granted = match access::pool_need(&req) {
+        // The pool's access properties, read once for the requests checked against them.
+        let checked = match access::pool_need(&req) {
             Some((need, what)) if caller.authenticated => {
-                let rights = access::pool_access(tx, &props()).await?.rights(&caller);
+                let a = access::pool_access(tx, &props()).await?;
+                let rights = a.rights(&caller);
                 access::need(&caller, rights, need, what)?;
-                rights
+                Some((a, rights))
             }
-            _ => Rights::ALL,
+            _ => None,
         };
+        let granted = checked.as_ref().map_or(Rights::ALL, |(_, r)| *r);
         match req {
             PoolRequest::Connect { client, ttl_ms } => {
                 let ttl = Duration::from_millis(ttl_ms);
@@ -479,8 +482,7 @@ impl ReplicatedService for PoolService {
             }
             PoolRequest::ListHandles => {
                 // Handles are capabilities: only the owner and admins see everyone's.
-                let own_only =
-                    caller.authenticated && !access::pool_access(tx, &props()).await?.owned_by(&caller);
+                let own_only = checked.as_ref().is_some_and(|(a, _)| !a.owned_by(&caller));
                 Ok(PoolResponse::Handles(
                     Self::all_handles(tx)
                         .await?

@@ -136,31 +136,34 @@ impl Connections {
         self
     }
 
+    /// The (reused) connection to the engine at `addr` (host:port): plain, or mutual TLS
+    /// with this pool's files; made lazily, on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut m = self.channels.lock().expect("lock");
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .connect_timeout(self.connect_timeout)
+            .local_address(self.local_address)
+            .tcp_nodelay(true);
+        let c = match &self.tls {
+            None => ep.connect_lazy(),
+            Some(tls) => ep.connect_with_connector_lazy(crate::tls::connector(
+                tls.clone(),
+                addr.to_string(),
+                self.local_address,
+                self.connect_timeout,
+            )),
+        };
+        m.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
     /// A client for the engine at `addr` (host:port), reusing its connection.
     pub fn get(&self, addr: &str) -> Result<pb::rsvc_client::RsvcClient<Channel>, String> {
-        let mut m = self.channels.lock().expect("lock");
-        let ch = match m.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let ep = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| format!("bad address {addr}: {e}"))?
-                    .connect_timeout(self.connect_timeout)
-                    .local_address(self.local_address)
-                    .tcp_nodelay(true);
-                let c = match &self.tls {
-                    None => ep.connect_lazy(),
-                    Some(tls) => ep.connect_with_connector_lazy(crate::tls::connector(
-                        tls.clone(),
-                        addr.to_string(),
-                        self.local_address,
-                        self.connect_timeout,
-                    )),
-                };
-                m.insert(addr.to_string(), c.clone());
-                c
-            }
-        };
-        Ok(pb::rsvc_client::RsvcClient::new(ch)
+        Ok(pb::rsvc_client::RsvcClient::new(self.channel(addr)?)
             .max_decoding_message_size(wire::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(wire::MAX_MESSAGE_BYTES))
     }

@@ -1,13 +1,12 @@
 //! rdb's [`Transport`] over gRPC: raft messages travel as `Peer.Raft` calls on one reused
 //! HTTP/2 connection per peer engine.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdb::{RaftRpc, Transport, TransportError};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::wire::{self, pb};
 
@@ -20,11 +19,10 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections to peer engines.
 pub struct GrpcTransport {
     cluster: String,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// One reused connection per peer engine, with this engine's certificate if TLS is on.
+    peers: rsvc_client::Connections,
     /// Where connections to peers leave from (see [`GrpcTransport::new`]).
     local: Option<std::net::IpAddr>,
-    /// Mutual TLS to peers, with this engine's certificate.
-    tls: Option<Arc<rsvc_client::tls::TlsFiles>>,
 }
 
 impl GrpcTransport {
@@ -34,15 +32,15 @@ impl GrpcTransport {
     pub fn new(cluster: impl Into<String>, local: Option<std::net::IpAddr>) -> Self {
         GrpcTransport {
             cluster: cluster.into(),
-            channels: Mutex::new(HashMap::new()),
+            peers: rsvc_client::Connections::with_connect_timeout(PEER_CONNECT_TIMEOUT)
+                .with_local_address(local),
             local,
-            tls: None,
         }
     }
 
     /// The same transport, speaking mutual TLS to peers with this engine's certificate.
     pub fn with_tls(mut self, tls: Option<Arc<rsvc_client::tls::TlsFiles>>) -> Self {
-        self.tls = tls;
+        self.peers = self.peers.with_tls(tls);
         self
     }
 
@@ -51,33 +49,12 @@ impl GrpcTransport {
     pub(crate) fn clients(&self) -> rsvc_client::Connections {
         rsvc_client::Connections::default()
             .with_local_address(self.local)
-            .with_tls(self.tls.clone())
+            .with_tls(self.peers.tls().cloned())
     }
 
     /// The (reused) connection to the engine at `addr`.
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let mut m = self.channels.lock().expect("lock");
-        Ok(match m.get(addr) {
-            Some(c) => c.clone(),
-            None => {
-                let ep = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| format!("bad peer address {addr}: {e}"))?
-                    .connect_timeout(PEER_CONNECT_TIMEOUT)
-                    .local_address(self.local)
-                    .tcp_nodelay(true);
-                let c = match &self.tls {
-                    None => ep.connect_lazy(),
-                    Some(tls) => ep.connect_with_connector_lazy(rsvc_client::tls::connector(
-                        tls.clone(),
-                        addr.to_string(),
-                        self.local,
-                        PEER_CONNECT_TIMEOUT,
-                    )),
-                };
-                m.insert(addr.to_string(), c.clone());
-                c
-            }
-        })
+        self.peers.channel(addr)
     }
 
     pub(crate) fn peer(&self, addr: &str) -> Result<pb::peer_client::PeerClient<Channel>, String> {
